@@ -1,0 +1,167 @@
+"""Command line: ``wanfast generate ...`` (also ``python -m wanfast``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from wanfast.config import PRESETS, SOLVERS, ConfigError, SamplingParams, parse_dtype
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1280x720, got {text!r}") from None
+    return w, h
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a video from a prompt")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt-dir", type=Path, help="Wan2.2-T2V-A14B folder (official or Diffusers layout)")
+    src.add_argument("--model", choices=["tiny"], help="'tiny': small random-weight model built in memory")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the text prompt")
+    text.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
+    p.add_argument(
+        "--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 (default 1280x720)"
+    )
+    p.add_argument("--frames", type=int, default=None, help="frame count, 4n+1 (default 81)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc, as official")
+    p.add_argument("--shift", type=float, default=None, help="sigma shift (default 12.0)")
+    p.add_argument(
+        "--guidance-high-noise", type=float, default=None, help="CFG scale of the high-noise expert"
+    )
+    p.add_argument("--guidance-low-noise", type=float, default=None, help="CFG scale of the low-noise expert")
+    p.add_argument("--boundary", type=float, default=None, help="expert switch, fraction of 1000 (0.875)")
+    p.add_argument("--fps", type=int, default=None, help="frame rate of the MP4 (default 16)")
+    p.add_argument("--output", type=Path, default=Path("output.mp4"))
+    p.add_argument(
+        "--save-latents", type=Path, default=None, help="also write the final latents (safetensors)"
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="DiT/text-encoder dtype: bf16 (default on GPU), fp16, fp32")
+    p.add_argument("--vae-dtype", default="fp32", help="VAE dtype (default fp32, as official)")
+    p.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep UMT5 off the GPU")
+    p.add_argument("--attention", default="auto", help="attention backend (default: fastest available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanfast", description="Fast Wan2.2 text-to-video inference")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        return args.prompt_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read prompt file {args.prompt_file}: {e}") from e
+
+
+def _params(args: argparse.Namespace, defaults) -> SamplingParams:
+    overrides = dict(
+        negative_prompt=args.negative_prompt or None, frames=args.frames, steps=args.steps, seed=args.seed,
+        solver=args.solver, shift=args.shift, guidance_high_noise=args.guidance_high_noise,
+        guidance_low_noise=args.guidance_low_noise, boundary=args.boundary,
+    )  # fmt: skip
+    if args.size is not None:
+        overrides["width"], overrides["height"] = args.size
+    return SamplingParams.from_defaults(defaults, _read_prompt(args), **overrides)
+
+
+def _summary(result, fps: int, output: Path) -> str:
+    t = result.timings
+    rows = [("text encoding", f"{t.get('text_encoding', 0):.2f} s")]
+    for name in ("high_noise", "low_noise"):
+        n = result.steps_per_expert.get(name, 0)
+        if n:
+            secs = t.get(f"denoise_{name}", 0.0)
+            rows.append(
+                (f"{name.replace('_', '-')} expert", f"{n} steps, {secs:.2f} s ({secs / n:.2f} s/step)")
+            )
+    rows += [("VAE decode", f"{t.get('vae_decode', 0):.2f} s"), ("total", f"{t.get('total', 0):.2f} s")]
+    if result.peak_memory_bytes is not None:
+        rows.append(("peak GPU memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"))
+    p = result.params
+    rows.append(("video", f"{output} ({p.width}x{p.height}, {p.frames} frames, {fps} fps, seed {p.seed})"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def generate(args: argparse.Namespace) -> int:
+    preset = PRESETS["tiny" if args.model == "tiny" else "t2v-A14B"]
+    params = _params(args, preset.defaults)  # validates every request field before any weights load
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    dtype = parse_dtype(args.dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
+    vae_dtype = parse_dtype(args.vae_dtype)
+    if args.ckpt_dir is not None:
+        from wanfast.loading.layout import detect_layout
+
+        detect_layout(args.ckpt_dir)  # fails fast on a wrong or incomplete folder
+
+    from wanfast import attention
+    from wanfast.api import load_pipeline, tiny_pipeline
+    from wanfast.video import write_mp4
+
+    backend = attention.set_backend(args.attention, device)
+    print(f"attention backend: {backend}", file=sys.stderr)
+    if args.model == "tiny":
+        pipe = tiny_pipeline(device=device, dtype=dtype)
+    else:
+        pipe = load_pipeline(args.ckpt_dir, device, dtype, vae_dtype, args.text_encoder_device)
+        if args.boundary is None and pipe.defaults.boundary != params.boundary:
+            params = params.with_(boundary=pipe.defaults.boundary)  # the checkpoint's own boundary
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=params.steps, desc="denoising", unit="step", file=sys.stderr)
+
+    def progress(i: int, n: int, expert: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(expert)
+            bar.update(1)
+
+    result = pipe.run(params, progress)
+    if bar is not None:
+        bar.close()
+    fps = args.fps or preset.defaults.fps
+    write_mp4(result.frames, args.output, fps=fps)
+    if args.save_latents is not None:
+        from safetensors.torch import save_file
+
+        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": result.latents.contiguous()}, str(args.save_latents))
+    print(_summary(result, fps, args.output))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    try:
+        if args.command == "generate":
+            return generate(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"wanfast: error: {e}", file=sys.stderr)
+        return 2
+    return 1

@@ -1,0 +1,291 @@
+"""Frozen configuration types.
+
+Three kinds, never mixed:
+- architecture (``DiTConfig``, ``VAEConfig``, ``TextEncoderConfig``): read from a checkpoint or a preset;
+- per-request sampling parameters (``SamplingParams``);
+- per-process engine settings (``EngineSettings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+# The official Wan2.1/2.2 default negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+SOLVERS = ("unipc", "dpm++", "euler")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+class ConfigError(ValueError):
+    """An invalid configuration or request, raised before any weights load."""
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """WanDiT architecture. Field names follow the official ``config.json`` of a Wan2.2 expert."""
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    freq_dim: int = 256
+    text_len: int = 512
+    text_dim: int = 4096
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ConfigError(f"head_dim {self.head_dim} must be even and >= 6 for 3-axis RoPE")
+        if self.freq_dim % 2:
+            raise ConfigError(f"freq_dim {self.freq_dim} must be even")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_axes_dim(self) -> tuple[int, int, int]:
+        """Head-dim split between the (t, h, w) RoPE axes: d - 4(d//6), 2(d//6), 2(d//6)."""
+        d = self.head_dim
+        return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+
+    def num_params(self) -> int:
+        d, f, p = self.dim, self.ffn_dim, self.patch_size
+        patch = self.in_dim * p[0] * p[1] * p[2] * d + d
+        text = self.text_dim * d + d + d * d + d
+        time = self.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
+        attn = 4 * (d * d + d) + (2 * d if self.qk_norm else 0)
+        block = 2 * attn + 2 * d * f + f + d + 6 * d + (2 * d if self.cross_attn_norm else 0)
+        head = d * self.out_dim * p[0] * p[1] * p[2] + self.out_dim * p[0] * p[1] * p[2] + 2 * d
+        return patch + text + time + self.num_layers * block + head
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan2.1 causal 3D VAE (stride 4x8x8). ``dim`` is the base channel count."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] = (
+        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    )  # fmt: skip
+    latents_std: tuple[float, ...] = (
+        2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ConfigError(f"latents_mean/std need {self.z_dim} values")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ConfigError("temporal_downsample needs len(dim_mult) - 1 entries")
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """UMT5 encoder. The XXL values are the defaults; the head count of a checkpoint comes from its
+    relative-position tables ([num_buckets, num_heads])."""
+
+    vocab_size: int = 256384
+    dim: int = 4096
+    ffn_dim: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    head_dim: int = 64
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+    text_len: int = 512
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A preset's recommended sampling parameters (the official ``generate.py`` defaults)."""
+
+    size: tuple[int, int] = (1280, 720)  # (width, height)
+    frames: int = 81
+    steps: int = 40
+    shift: float = 12.0
+    boundary: float = 0.875
+    guidance_high_noise: float = 4.0
+    guidance_low_noise: float = 3.0
+    solver: str = "unipc"
+    fps: int = 16
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    text_encoder: TextEncoderConfig
+    defaults: SamplingDefaults
+    num_experts: int = 2
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "t2v-A14B": ModelPreset(
+        name="t2v-A14B",
+        dit=DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+        vae=VAEConfig(),
+        text_encoder=TextEncoderConfig(),
+        defaults=SamplingDefaults(),
+    ),
+    # Recorded for later work: TI2V-5B uses the Wan2.2 VAE (48 channels, stride 4x16x16), one expert.
+    "ti2v-5B": ModelPreset(
+        name="ti2v-5B",
+        dit=DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+        vae=VAEConfig(),  # placeholder until the Wan2.2 VAE lands; not loadable yet
+        text_encoder=TextEncoderConfig(),
+        defaults=SamplingDefaults(
+            size=(1280, 704),
+            frames=121,
+            steps=50,
+            shift=5.0,
+            boundary=0.0,
+            guidance_high_noise=5.0,
+            guidance_low_noise=5.0,
+            fps=24,
+        ),  # fmt: skip
+        num_experts=1,
+    ),
+    # Small random-weight model for demos and CPU tests: same structure, tiny dims.
+    "tiny": ModelPreset(
+        name="tiny",
+        dit=DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_len=32, text_dim=32),
+        vae=VAEConfig(dim=8, num_res_blocks=1),
+        text_encoder=TextEncoderConfig(
+            vocab_size=512, dim=32, ffn_dim=64, num_heads=4, num_layers=2, head_dim=8, text_len=32
+        ),
+        defaults=SamplingDefaults(size=(64, 48), frames=9, steps=4, shift=5.0),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request. Validated on construction, before any weights load."""
+
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    width: int = 1280
+    height: int = 720
+    frames: int = 81
+    steps: int = 40
+    seed: int = 0
+    solver: str = "unipc"
+    shift: float = 12.0
+    guidance_high_noise: float = 4.0
+    guidance_low_noise: float = 3.0
+    boundary: float = 0.875
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ConfigError("prompt must be a non-empty string")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % 16:
+                raise ConfigError(f"{name} must be a positive multiple of 16, got {v!r}")
+        if not isinstance(self.frames, int) or self.frames < 1 or (self.frames - 1) % 4:
+            raise ConfigError(f"frames must be 4n+1 (1, 5, 9, ..., 81), got {self.frames!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if not self.shift > 0:
+            raise ConfigError(f"shift must be > 0, got {self.shift!r}")
+        if not 0.0 <= self.boundary <= 1.0:
+            raise ConfigError(f"boundary must be in [0, 1], got {self.boundary!r}")
+        if self.guidance_high_noise < 0 or self.guidance_low_noise < 0:
+            raise ConfigError("guidance scales must be >= 0")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed!r}")
+
+    @classmethod
+    def from_defaults(cls, defaults: SamplingDefaults, prompt: str, **overrides: object) -> SamplingParams:
+        """Preset defaults, then every override that is not None."""
+        base = dict(
+            prompt=prompt,
+            negative_prompt=defaults.negative_prompt,
+            width=defaults.size[0],
+            height=defaults.size[1],
+            frames=defaults.frames,
+            steps=defaults.steps,
+            solver=defaults.solver,
+            shift=defaults.shift,
+            guidance_high_noise=defaults.guidance_high_noise,
+            guidance_low_noise=defaults.guidance_low_noise,
+            boundary=defaults.boundary,
+        )
+        names = {f.name for f in fields(cls)}
+        for k, v in overrides.items():
+            if k not in names:
+                raise ConfigError(f"unknown sampling parameter {k!r}")
+            if v is not None:
+                base[k] = v
+        return cls(**base)
+
+    def latent_shape(self, vae: VAEConfig) -> tuple[int, int, int, int]:
+        """[C, F', H/8, W/8] of the initial noise, as the official pipeline draws it."""
+        return (
+            vae.z_dim,
+            (self.frames - 1) // vae.temporal_stride + 1,
+            self.height // vae.spatial_stride,
+            self.width // vae.spatial_stride,
+        )
+
+    def with_(self, **changes: object) -> SamplingParams:
+        return replace(self, **changes)
+
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Per-process settings: where and how models run. Optimisation switches are added here by accel/."""
+
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    text_encoder_device: str | None = None  # None: same as ``device``
+    vae_dtype: torch.dtype | None = None  # None: same as ``dtype``
+    attention_backend: str = "auto"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)

@@ -1,0 +1,156 @@
+"""Checkpoint file I/O: safetensors (single or sharded with an index) and torch .pth files.
+
+Tensors are read lazily (safetensors and ``torch.load(mmap=True)`` both map the file), converted one at a
+time to the target device and dtype, and assigned into a module built on the meta device. So a checkpoint
+never exists as a full CPU copy, and loading is strict: missing or unexpected keys are an error that names
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, of the wrong layout, or does not match the model."""
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
+
+
+def safetensors_files(folder: str | os.PathLike, stem: str) -> list[Path]:
+    """The shard list of ``{stem}.safetensors`` in ``folder``: from ``{stem}.safetensors.index.json`` if
+    present, else the single file. Every shard the index names must exist."""
+    folder = Path(folder)
+    index = folder / f"{stem}.safetensors.index.json"
+    single = folder / f"{stem}.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"unreadable safetensors index {index}: {e}") from e
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards named by {index} are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {folder}")
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """safetensors maps the file; a truncated file must fail here with its name, not later in a copy."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"truncated safetensors file {path} ({size} bytes)")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if 8 + header_len > size:
+            raise CheckpointError(f"truncated safetensors file {path}: header runs past the end")
+        try:
+            header = json.loads(f.read(header_len))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"corrupt safetensors header in {path}: {e}") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"truncated safetensors file {path}: {size} bytes, header needs {8 + header_len + end}"
+        )
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, CPU tensor backed by the mapped file) for every tensor of every shard."""
+    for path in files:
+        _check_safetensors_size(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error type
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    return dict(iter_safetensors(files))
+
+
+def read_pth(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """A torch state dict, memory-mapped (no full read into RAM)."""
+    path = require_file(path, what)
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {what} {path} (truncated or corrupt?): {e}") from e
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{what} {path} does not hold a state dict")
+    return sd
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    path = require_file(path, what)
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"unreadable {what} {path}: {e}") from e
+
+
+def load_module(
+    build: Callable[[], nn.Module],
+    state_dict: dict[str, torch.Tensor],
+    device: str | torch.device,
+    dtype: torch.dtype,
+    what: str,
+    keep_fp32: Callable[[str], bool] = lambda name: False,
+) -> nn.Module:
+    """Build ``build()`` on the meta device and assign ``state_dict`` into it, strictly.
+
+    Each tensor moves to ``device`` on its own, floating tensors cast to ``dtype`` (or float32 where
+    ``keep_fp32(name)``). Non-persistent buffers are rebuilt by the module's ``init_buffers(device)`` if
+    it has one.
+    """
+    with torch.device("meta"):
+        model = build()
+    expected = set(model.state_dict().keys())
+    got = set(state_dict.keys())
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
+        raise CheckpointError(f"{what} does not match the model built from its config; " + "; ".join(parts))
+    ref = model.state_dict()
+    converted = {}
+    for name, t in state_dict.items():
+        if tuple(t.shape) != tuple(ref[name].shape):
+            raise CheckpointError(
+                f"{what}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(ref[name].shape)}"
+            )
+        target = (torch.float32 if keep_fp32(name) else dtype) if t.is_floating_point() else t.dtype
+        converted[name] = t.to(device=device, dtype=target)
+    model.load_state_dict(converted, strict=True, assign=True)
+    if hasattr(model, "init_buffers"):
+        model.init_buffers(torch.device(device))
+    leftover = [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise CheckpointError(f"{what}: buffers not initialised after loading: {leftover[:4]}")
+    return model.eval().requires_grad_(False)

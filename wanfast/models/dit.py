@@ -1,0 +1,243 @@
+"""WanDiT: the Wan2.2 text-to-video diffusion transformer (one expert), plain eager PyTorch.
+
+Module names equal the official ``WanModel`` checkpoint keys, so official state dicts load as-is.
+
+Precision follows the official model under bf16 autocast, made explicit so no autocast is needed:
+- time embedding (sinusoid in float64, then float32), time MLP, modulation and head run in float32;
+- LayerNorm / RMSNorm statistics are computed in float32 and cast back;
+- the residual stream becomes float32 at the first gate (``x + y * gate`` with a float32 gate) and stays so;
+- every other Linear / attention runs in the weight dtype (``WanDiT.dtype``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wanfast.attention import attention
+from wanfast.config import DiTConfig
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """Timestep sinusoid [B] -> [B, dim] float32, cos half first. Computed in float64 as official."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(pos, freqs)  # [B, half]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def rope_angles(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device | None = None) -> Tensor:
+    """RoPE angles [L, D/2] (float64) for a (frames, rows, cols) patch grid, L = f*h*w in row-major order.
+
+    The head dim D is split between the axes as ``cfg.rope_axes_dim``; each axis has its own frequency
+    ladder theta^(-2i/d_axis) over its own d_axis, as the official ``rope_params`` per axis.
+    """
+    parts = []
+    for n, d in zip(grid, cfg.rope_axes_dim, strict=True):
+        inv = cfg.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        parts.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv))  # [n, d/2]
+    f, h, w = grid
+    angles = torch.cat(
+        [
+            parts[0][:, None, None].expand(f, h, w, -1),
+            parts[1][None, :, None].expand(f, h, w, -1),
+            parts[2][None, None, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    )
+    return angles.reshape(f * h * w, -1)
+
+
+def rope_freqs(
+    cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each [L, D/2] float32, for the patch grid. Pure: cacheable per (cfg, grid, device)."""
+    angles = rope_angles(cfg, grid, device)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved (real, imag) pairs of x [B, L, H, D] by cos/sin [L, D/2]; returns float32.
+
+    Official computes this complex product in float64; float32 differs by ~1e-7 relative.
+    """
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, D/2] each
+    cos, sin = cos[:, None], sin[:, None]  # [L, 1, D/2]
+    return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2)
+
+
+def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
+    """A Linear evaluated in float32 whatever its weight dtype (time MLP, head)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back to the input dtype (official ``WanLayerNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full dim (all heads together): normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Self-attention (with RoPE) or cross-attention (``context`` given). Keys: q, k, v, o, norm_q, norm_k."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        # x [B, Lq, C]; context [B, Lk, C] (None: self-attention) -> [B, Lq, C] in the weight dtype
+        dtype = self.q.weight.dtype
+        x = x.to(dtype)
+        kv = x if context is None else context.to(dtype)
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, Lq, H, D]
+        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1))  # [B, Lk, H, D]
+        v = self.v(kv).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    """One transformer block: modulated self-attn, cross-attn to the text, modulated GELU-tanh FFN.
+
+    Official names: norm1 / norm2 are parameter-free; norm3 is the affine cross-attention norm.
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps, affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        # x [B, L, C] (float32 after the first gate); e [B, 6, C] float32; context [B, text_len, C]
+        mod = (self.modulation.float() + e).chunk(6, dim=1)  # 6 x [B, 1, C], broadcast over L
+        shift, scale, gate, ff_shift, ff_scale, ff_gate = mod
+        y = self.self_attn(self.norm1(x).float() * (1 + scale) + shift, rope=rope)
+        x = x + y * gate  # float32 gate: the residual stream is float32 from here on, as official
+        x = x + self.cross_attn(self.norm3(x), context)
+        h = self.norm2(x).float() * (1 + ff_scale) + ff_shift
+        return x + self.ffn(h.to(self.ffn[0].weight.dtype)) * ff_gate
+
+
+class Head(nn.Module):
+    """Output head: 2-way modulated parameter-free LayerNorm then Linear, in float32 (official autocast)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        # x [B, L, C], e [B, C] float32 (the time embedding, not its projection) -> [B, L, out_dim*prod(p)]
+        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)  # [B, 1, C]
+        return _linear_fp32(self.head, self.norm(x).float() * (1 + scale) + shift)
+
+
+class WanDiT(nn.Module):
+    """Wan2.2 T2V DiT. forward(x [B, in_dim, F, H, W], t [B], context) -> [B, out_dim, F, H, W] float32."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the Linear layers (modulation tables may be kept in float32 by the loader)."""
+        return self.patch_embedding.weight.dtype
+
+    def pad_context(self, context: Tensor | list[Tensor]) -> Tensor:
+        """Text states [B, L, text_dim] or a list of [L_i, text_dim] -> [B, text_len, text_dim], zero-padded.
+
+        Padded rows go through the text MLP and are attended to (official t2v: context_lens=None).
+        """
+        n = self.cfg.text_len
+        rows = list(context.unbind(0)) if isinstance(context, Tensor) else list(context)
+        for u in rows:
+            if u.ndim != 2 or u.shape[0] > n:
+                raise ValueError(f"context rows must be [L <= {n}, text_dim], got {tuple(u.shape)}")
+        return torch.stack([F.pad(u, (0, 0, 0, n - u.shape[0])) for u in rows])
+
+    def time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """t [B] -> (e [B, C], e0 [B, 6, C]), both float32."""
+        e = sinusoidal_embedding(t, self.cfg.freq_dim)
+        for layer in self.time_embedding:
+            e = _linear_fp32(layer, e) if isinstance(layer, nn.Linear) else layer(e)
+        e0 = _linear_fp32(self.time_projection[1], F.silu(e))
+        return e, e0.unflatten(1, (6, self.cfg.dim))
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | list[Tensor]) -> Tensor:
+        B, _, F_, H, W = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        if F_ % pt or H % ph or W % pw:
+            raise ValueError(
+                f"latent size {(F_, H, W)} is not divisible by the patch size {self.cfg.patch_size}"
+            )
+        grid = (F_ // pt, H // ph, W // pw)
+        dtype = self.dtype
+
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, C], L = f*h*w
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+        e, e0 = self.time_embed(t)  # [B, C], [B, 6, C] float32
+        ctx = self.pad_context(context).to(device=x.device, dtype=dtype)
+        ctx = self.text_embedding(ctx)  # [B, text_len, C]
+        rope = rope_freqs(self.cfg, grid, x.device)
+
+        for block in self.blocks:
+            x = block(x, e0, ctx, rope)
+        x = self.head(x, e)  # [B, L, out_dim * pt*ph*pw] float32
+        return self.unpatchify(x, grid)
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """[B, f*h*w, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw] (patch channel order (pt, ph, pw, c))."""
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, c, f, pt, h, ph, w, pw]
+        return x.reshape(x.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw).float()

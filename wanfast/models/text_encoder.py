@@ -1,0 +1,194 @@
+"""UMT5-XXL text encoder: prompt cleaning, tokenization, transformers ``UMT5EncoderModel``.
+
+Matches the official ``T5EncoderModel.__call__`` (wan/modules/t5.py): prompts are cleaned as its
+``HuggingfaceTokenizer(clean='whitespace')``, tokenized with EOS, padded to ``text_len`` (512) and
+truncated, encoded with the attention mask, and each output is trimmed to its prompt's real token count.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from pathlib import Path
+
+import ftfy
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+
+from wanfast.config import TextEncoderConfig
+from wanfast.loading.checkpoint import CheckpointError, read_json, read_pth, safetensors_files
+from wanfast.loading.t5_keys import (
+    config_from_hf,
+    config_from_official_state_dict,
+    hf_config,
+    official_to_hf,
+    tie_hf_embeddings,
+)
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_prompt(text: str) -> str:
+    """The official 'whitespace' cleaning: ftfy, HTML-unescape twice, strip, then collapse whitespace.
+
+    The official code uses the ``regex`` module; its ``\\s`` differs from ``re``'s only on U+001C..U+001F,
+    which ftfy strips as control characters and ``html.unescape`` never produces."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+class TextEncoder:
+    """A loaded UMT5 encoder and its tokenizer. ``encode`` is the only entry point the pipeline needs.
+
+    ``pad_to_text_len=False`` pads a batch only to its longest prompt instead of ``text_len``: the
+    kept rows are the same up to float rounding (padding is masked out and the relative position bias
+    depends only on offsets), and far fewer tokens are computed."""
+
+    def __init__(
+        self,
+        model: UMT5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: TextEncoderConfig,
+        device: str | torch.device,
+        pad_to_text_len: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.pad_to_text_len = pad_to_text_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.shared.weight.dtype
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask), both [B, L] on ``self.device``; prompts are cleaned first."""
+        out = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length" if self.pad_to_text_len else "longest",
+            truncation=True,
+            max_length=self.cfg.text_len,
+            add_special_tokens=True,  # appends EOS, which is part of the kept sequence
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        return out["input_ids"].to(self.device), out["attention_mask"].to(self.device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str) -> list[torch.Tensor]:
+        """One [L_i, dim] tensor per prompt, L_i = its token count including EOS (<= text_len)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids, mask = self.tokenize(prompts)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return [h[:n] for h, n in zip(hidden, mask.sum(dim=1).tolist(), strict=True)]
+
+
+def build_text_encoder(
+    cfg: TextEncoderConfig,
+    state_dict_hf: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    *,
+    attn_implementation: str = "sdpa",
+    pad_to_text_len: bool = True,
+) -> TextEncoder:
+    """Build ``UMT5EncoderModel`` on the meta device and assign the weights into it, strictly.
+
+    Each tensor is moved to ``device``/``dtype`` on its own (so an mmap'd checkpoint never becomes a
+    full extra CPU copy) and the tied embedding is converted once and shared by both of its keys."""
+    with torch.device("meta"):
+        model = UMT5EncoderModel(hf_config(cfg, attn_implementation))
+    ref = model.state_dict()
+    sd = tie_hf_embeddings(state_dict_hf)
+    missing, unexpected = sorted(ref.keys() - sd.keys()), sorted(sd.keys() - ref.keys())
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+        parts = [f"{len(missing)} missing keys: {show(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys: {show(unexpected)}"] if unexpected else []
+        raise CheckpointError("text encoder weights do not match UMT5EncoderModel; " + "; ".join(parts))
+    converted: dict[int, torch.Tensor] = {}  # id(source) -> converted, so tied keys stay one tensor
+    out = {}
+    for name, t in sd.items():
+        if tuple(t.shape) != tuple(ref[name].shape):
+            raise CheckpointError(f"text encoder tensor {name} has shape {tuple(t.shape)}, "
+                                  f"the config implies {tuple(ref[name].shape)}")  # fmt: skip
+        if id(t) not in converted:
+            converted[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        out[name] = converted[id(t)]
+    model.load_state_dict(out, strict=True, assign=True)
+    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"text encoder tensors left uninitialised after loading: {still_meta[:4]}")
+    model.eval().requires_grad_(False)
+    return TextEncoder(model, tokenizer, cfg, device, pad_to_text_len)
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local folder only; a missing folder must not turn into a hub download."""
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from e
+
+
+def load_official_text_encoder(
+    pth_path: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    text_len: int = 512,
+) -> TextEncoder:
+    """``models_t5_umt5-xxl-enc-bf16.pth`` (memory-mapped) plus the ``google/umt5-xxl`` tokenizer folder."""
+    sd = read_pth(pth_path, "T5 encoder checkpoint")
+    try:
+        cfg = config_from_official_state_dict(sd, text_len=text_len)
+        sd_hf = official_to_hf(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{pth_path}: {e}") from e
+    return build_text_encoder(cfg, sd_hf, load_tokenizer(tokenizer_dir), device, dtype)
+
+
+def read_safetensors_to(
+    files: list[Path], device: str | torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Every tensor of every shard, read straight onto ``device`` (a CUDA load skips a CPU copy) and
+    cast there one at a time, so a float32 file never sits on the device whole in float32."""
+    sd = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    sd[key] = t.to(dtype) if t.is_floating_point() else t
+        except Exception as e:  # safetensors raises its own error type (truncated, corrupt header)
+            raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+    return sd
+
+
+def load_diffusers_text_encoder(
+    text_encoder_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    text_len: int = 512,
+) -> TextEncoder:
+    """A Diffusers ``text_encoder/`` folder (config.json + single or sharded safetensors) and ``tokenizer/``."""
+    folder = Path(text_encoder_dir)
+    config = read_json(folder / "config.json", "text encoder config")
+    try:
+        cfg = config_from_hf(config, text_len=text_len)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
+    sd = read_safetensors_to(safetensors_files(folder, "model"), device, dtype)
+    return build_text_encoder(cfg, sd, load_tokenizer(tokenizer_dir), device, dtype)

@@ -1,0 +1,194 @@
+"""The Wan2.2 text-to-video pipeline: text encoding, two-expert denoising with CFG, VAE decode.
+
+Follows the official ``WanT2V.generate`` step for step: noise from ``torch.Generator(device)`` seeded
+with ``seed``; the high-noise expert while ``t >= boundary * 1000``, the low-noise expert after, each with
+its own guidance scale; the solver's ``step`` per timestep; VAE decode of the final latents.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from wanfast.config import NUM_TRAIN_TIMESTEPS, EngineSettings, SamplingDefaults, SamplingParams
+from wanfast.solvers import make_solver
+from wanfast.video import to_uint8_frames
+
+ProgressFn = Callable[[int, int, str], None]  # (step index, total steps, expert name)
+
+
+@dataclass
+class GenerationResult:
+    frames: torch.Tensor  # uint8 [F, H, W, 3], on the CPU
+    latents: torch.Tensor  # float32 [16, F', H/8, W/8], on the CPU
+    params: SamplingParams
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    steps_per_expert: dict[str, int] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+
+
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """The official combination: uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def denoise(
+    experts: dict[str, nn.Module],
+    noise: torch.Tensor,
+    context: torch.Tensor | list[torch.Tensor],
+    context_null: torch.Tensor | list[torch.Tensor],
+    params: SamplingParams,
+    progress: ProgressFn | None = None,
+    on_expert: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """The sampling loop. noise [C, F', H', W'] float32 -> final latents, and steps run per expert.
+
+    ``experts`` maps "high_noise" and "low_noise" to DiTs called as ``dit(x [1, C, F', H', W'], t [1],
+    context)``. A guidance scale of 1.0 runs the conditional pass alone (uncond + 1 * (cond - uncond)).
+    ``on_expert(name)`` runs before an expert's first step, ``progress`` after every step.
+    """
+    solver = make_solver(params.solver, params.steps, params.shift)
+    boundary = params.boundary * NUM_TRAIN_TIMESTEPS
+    x, state = noise, solver.init_state()
+    counts = {"high_noise": 0, "low_noise": 0}
+    timesteps = solver.timesteps.tolist()  # host ints: the expert choice needs no device sync
+    for i, t in enumerate(timesteps):
+        name = "high_noise" if t >= boundary else "low_noise"
+        scale = params.guidance_high_noise if name == "high_noise" else params.guidance_low_noise
+        model = experts[name]
+        if on_expert is not None and counts[name] == 0:
+            on_expert(name)
+        t_in = torch.full((1,), float(t), device=x.device)
+        pred = model(x[None], t_in, context)[0]
+        if scale != 1.0:
+            pred = classifier_free_guidance(pred, model(x[None], t_in, context_null)[0], scale)
+        x, state = solver.step(state, i, pred, x)
+        counts[name] += 1
+        if progress is not None:
+            progress(i, len(timesteps), name)
+    return x, counts
+
+
+class _Timer:
+    """Wall-clock stage timer; synchronises the device at stage edges only."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.timings = device, {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                timer.sync()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.sync()
+                timer.timings[name] = time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+class WanPipeline:
+    """Holds the loaded models; ``generate`` runs one request."""
+
+    def __init__(
+        self,
+        text_encoder,
+        high_noise_model: nn.Module,
+        low_noise_model: nn.Module,
+        vae: nn.Module,
+        defaults: SamplingDefaults,
+        settings: EngineSettings,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.experts = {"high_noise": high_noise_model, "low_noise": low_noise_model}
+        self.vae = vae
+        self.defaults = defaults
+        self.settings = settings
+        self.device = torch.device(settings.device)
+
+    def params(self, prompt: str, **overrides: object) -> SamplingParams:
+        """Validated sampling parameters: the preset's defaults, then the non-None overrides.
+        ``size`` is (width, height); an empty negative prompt means the default one, as official."""
+        size = overrides.pop("size", None)
+        if size is not None:
+            overrides["width"], overrides["height"] = size
+        if overrides.get("negative_prompt") == "":
+            overrides["negative_prompt"] = None
+        return SamplingParams.from_defaults(self.defaults, prompt, **overrides)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        size: tuple[int, int] | None = None,
+        frames: int | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        solver: str | None = None,
+        shift: float | None = None,
+        guidance_high_noise: float | None = None,
+        guidance_low_noise: float | None = None,
+        boundary: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> GenerationResult:
+        params = self.params(
+            prompt, negative_prompt=negative_prompt, size=size, frames=frames, steps=steps, seed=seed,
+            solver=solver, shift=shift, guidance_high_noise=guidance_high_noise,
+            guidance_low_noise=guidance_low_noise, boundary=boundary,
+        )  # fmt: skip
+        return self.run(params, progress)
+
+    @torch.inference_mode()
+    def run(self, params: SamplingParams, progress: ProgressFn | None = None) -> GenerationResult:
+        timer = _Timer(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t_start = time.perf_counter()
+        with timer.stage("text_encoding"):
+            context, context_null = self.text_encoder.encode([params.prompt, params.negative_prompt])
+            context, context_null = context.to(self.device), context_null.to(self.device)
+
+        generator = torch.Generator(self.device).manual_seed(params.seed)
+        shape = params.latent_shape(self.vae.cfg)
+        noise = torch.randn(shape, dtype=torch.float32, device=self.device, generator=generator)
+
+        # Per-expert time: one device sync when the expert changes, none in the other steps.
+        stamps: list[tuple[str, float]] = []
+
+        def on_expert(name: str) -> None:
+            timer.sync()
+            stamps.append((name, time.perf_counter()))
+
+        with timer.stage("denoise"):
+            latents, counts = denoise(
+                self.experts, noise, [context], [context_null], params, progress, on_expert
+            )
+        edges = [s[1] for s in stamps] + [time.perf_counter()]
+        for (name, _), a, b in zip(stamps, edges[:-1], edges[1:], strict=True):
+            timer.timings[f"denoise_{name}"] = b - a
+        with timer.stage("vae_decode"):
+            vae_dtype = next(self.vae.parameters()).dtype
+            video = self.vae.decode(latents[None].to(vae_dtype))[0]
+            frames = to_uint8_frames(video)
+        timings = dict(timer.timings)
+        timings["total"] = time.perf_counter() - t_start
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return GenerationResult(
+            frames=frames,
+            latents=latents.float().cpu(),
+            params=params,
+            timings=timings,
+            steps_per_expert=counts,
+            peak_memory_bytes=peak,
+        )
