@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -27,6 +26,8 @@ def write_mp4(
         raise ValueError(f"expected uint8 [F, H, W, 3] frames, got {arr.dtype} {arr.shape}")
     if arr.shape[1] % 2 or arr.shape[2] % 2:
         raise ValueError(f"H.264 with yuv420p needs even sizes, got {arr.shape[2]}x{arr.shape[1]}")
+    import av  # FFmpeg bindings: imported only where a file is written or read
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
@@ -44,6 +45,8 @@ def write_mp4(
 
 def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """uint8 [F, H, W, 3] frames and the stream's frame rate."""
+    import av
+
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else 0.0
