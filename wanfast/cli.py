@@ -22,6 +22,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a video from a prompt")
+    p.set_defaults(func=generate)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt-dir", type=Path, help="Wan2.2-T2V-A14B folder (official or Diffusers layout)")
     src.add_argument("--model", choices=["tiny"], help="'tiny': small random-weight model built in memory")
@@ -60,7 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    for register in _extra_commands():
+        register(sub)
     return parser
+
+
+def _extra_commands() -> list:
+    """Other subcommands, each a module's ``register(subparsers)`` that sets ``func`` on its parser."""
+    registers = []
+    for module in ("wanfast.server.cli",):
+        try:
+            registers.append(__import__(module, fromlist=["register"]).register)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise  # a missing dependency of an existing command is an error, not a silent skip
+    return registers
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -91,7 +106,10 @@ def _summary(result, fps: int, output: Path) -> str:
         if n:
             secs = t.get(f"denoise_{name}", 0.0)
             rows.append(
-                (f"{name.replace('_', '-')} expert", f"{n} steps, {secs:.2f} s ({secs / n:.2f} s/step)")
+                (
+                    f"{name.replace('_', '-')} expert",
+                    f"{n} step{'s' * (n != 1)}, {secs:.2f} s ({secs / n:.2f} s/step)",
+                )
             )
     rows += [("VAE decode", f"{t.get('vae_decode', 0):.2f} s"), ("total", f"{t.get('total', 0):.2f} s")]
     if result.peak_memory_bytes is not None:
@@ -159,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
     try:
-        if args.command == "generate":
-            return generate(args)
+        return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"wanfast: error: {e}", file=sys.stderr)
         return 2
-    return 1

@@ -1,0 +1,113 @@
+"""``wanfast generate``: the tiny demo, a real checkpoint folder, and bad input failing before any load."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import wanfast.api
+from wanfast.cli import main
+from wanfast.video import read_mp4
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if anything tries to load or build models."""
+
+    def boom(*a, **k):
+        raise AssertionError("models were loaded for an invalid request")
+
+    monkeypatch.setattr(wanfast.api, "load_pipeline", boom)
+    monkeypatch.setattr(wanfast.api, "tiny_pipeline", boom)
+
+
+def test_tiny_demo_writes_mp4_latents_and_summary(tmp_path, capsys):
+    out, lat = tmp_path / "cat.mp4", tmp_path / "cat.safetensors"
+    argv = [
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a cat",
+        "--output",
+        str(out),
+        "--save-latents",
+        str(lat),
+    ]
+    assert main(argv + ["--no-progress", "--seed", "5"]) == 0
+    frames, fps = read_mp4(out)
+    assert frames.shape == (9, 48, 64, 3) and fps == 16  # the tiny preset: 64x48, 9 frames, 16 fps
+    latents = load_file(lat)["latents"]
+    assert latents.shape == (16, 3, 6, 8) and latents.dtype == torch.float32
+    summary = capsys.readouterr().out
+    for row in ("text encoding", "high-noise expert", "low-noise expert", "VAE decode", "total", "seed 5"):
+        assert row in summary
+
+
+def test_ckpt_dir_with_overrides(tmp_path, tiny_diffusers, capsys):
+    lat = tmp_path / "l.safetensors"
+    argv = [
+        "generate", "--ckpt-dir", str(tiny_diffusers), "--prompt", "a dog", "--size", "32x32", "--frames", "5",
+        "--steps", "3", "--solver", "dpm++", "--shift", "3", "--guidance-high-noise", "2",
+        "--guidance-low-noise", "1.5", "--boundary", "0.8", "--device", "cpu", "--dtype", "fp32",
+        "--output", str(tmp_path / "d.mp4"), "--save-latents", str(lat), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert load_file(lat)["latents"].shape == (16, 2, 4, 4)
+    out = capsys.readouterr().out  # dpm++ timesteps [1000, 857, 600]: two above the 800 boundary
+    assert "high-noise expert  2 steps" in out and "low-noise expert   1 step," in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--size", "100x64"], "width must be a positive multiple of 16"),
+        (["--size", "64x40"], "height must be a positive multiple of 16"),
+        (["--frames", "10"], "frames must be 4n\\+1"),
+        (["--steps", "0"], "steps must be an integer >= 1"),
+        (["--boundary", "2"], "boundary must be in"),
+    ],
+)
+def test_bad_input_fails_before_loading(no_loading, capsys, extra, message):
+    assert main(["generate", "--model", "tiny", "--prompt", "a cat", *extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_unknown_solver_and_bad_size_syntax_are_usage_errors(no_loading, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "tiny", "--prompt", "x", "--solver", "ddim"])
+    assert e.value.code == 2 and "invalid choice: 'ddim'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "tiny", "--prompt", "x", "--size", "big"])
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_unreadable_prompt_file(no_loading, tmp_path, capsys):
+    assert main(["generate", "--model", "tiny", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read prompt file" in capsys.readouterr().err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9")
+    assert main(["generate", "--model", "tiny", "--prompt-file", str(bad)]) == 2
+    assert "cannot read prompt file" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_folder_fails_before_loading(no_loading, tmp_path, capsys):
+    assert main(["generate", "--ckpt-dir", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err
+    assert main(["generate", "--ckpt-dir", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 2
+    assert "neither the official Wan2.2 layout" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    out = tmp_path / "m.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wanfast", "generate", "--model", "tiny", "--prompt", "x", "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 0 and "total" in proc.stdout and "denoising" in proc.stderr  # progress bar
