@@ -8,7 +8,7 @@ Three kinds, never mixed:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -281,11 +281,29 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Per-process settings: where and how models run. Optimisation switches are added here by accel/."""
+    """Per-process settings: where models run and which optimisations ``wanfast.accel`` applies.
+
+    Every optimisation has its own off switch; ``None`` means "on where it pays" (decided by accel,
+    e.g. torch.compile only on CUDA). ``plain()`` turns every one off: the eager reference path.
+    """
 
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
     text_encoder_device: str | None = None  # None: same as ``device``
     vae_dtype: torch.dtype | None = None  # None: same as ``dtype``
     attention_backend: str = "auto"
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    fuse_projections: bool = True  # one QKV GEMM for self-attention, one KV GEMM for cross-attention
+    cache_cross_kv: bool = True  # cross-attention K/V computed once per (expert, prompt), reused every step
+    cache_rope: bool = True  # RoPE cos/sin tables computed once per (grid, device)
+    compile: bool | None = None  # regional torch.compile of each DiT block; None: on for CUDA
+    cuda_graphs: bool = False  # capture the DiT forward in a CUDA graph (off unless measured to pay)
+
+    def plain(self) -> EngineSettings:
+        return replace(
+            self,
+            fuse_projections=False,
+            cache_cross_kv=False,
+            cache_rope=False,
+            compile=False,
+            cuda_graphs=False,
+        )
