@@ -297,6 +297,7 @@ class EngineSettings:
     cache_rope: bool = True  # RoPE cos/sin tables computed once per (grid, device)
     compile: bool | None = None  # regional torch.compile of each DiT block; None: on for CUDA
     cuda_graphs: bool = False  # capture the DiT forward in a CUDA graph (off unless measured to pay)
+    optimize_vae: bool = True  # VAE decode layout/algorithm choices from accel.vae (measured)
 
     def plain(self) -> EngineSettings:
         return replace(
