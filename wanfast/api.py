@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from wanfast.accel import optimize_pipeline
 from wanfast.config import PRESETS, EngineSettings, parse_dtype
 from wanfast.loading.layout import detect_layout, load_text_encoder, load_transformer, load_vae
 from wanfast.pipeline import WanPipeline
@@ -28,13 +29,16 @@ def load_pipeline(
     dtype: torch.dtype | str = torch.bfloat16,
     vae_dtype: torch.dtype | str | None = torch.float32,
     text_encoder_device: str | torch.device | None = None,
+    settings: EngineSettings | None = None,
 ) -> WanPipeline:
     """Load a Wan2.2 T2V-A14B checkpoint folder (official or Diffusers layout, detected).
 
     ``dtype`` is the DiT and text-encoder weight dtype; the VAE runs in ``vae_dtype`` (float32 by
-    default, as the official pipeline); ``text_encoder_device`` defaults to ``device``.
+    default, as the official pipeline); ``text_encoder_device`` defaults to ``device``. ``settings``,
+    when given, holds all of these (and the ``wanfast.accel`` switches) and replaces those four arguments.
+    The experts are optimised by ``wanfast.accel.optimize_pipeline`` per the settings.
     """
-    settings = _settings(device, dtype, vae_dtype, text_encoder_device)
+    settings = settings or _settings(device, dtype, vae_dtype, text_encoder_device)
     layout = detect_layout(ckpt_dir)  # checks that every component is present before reading weights
     te_device = settings.text_encoder_device or settings.device
     high = load_transformer(layout.high_noise, settings.device, settings.dtype)
@@ -47,7 +51,7 @@ def load_pipeline(
     defaults = PRESETS["t2v-A14B"].defaults
     if layout.boundary is not None:
         defaults = replace(defaults, boundary=float(layout.boundary))
-    return WanPipeline(text_encoder, high, low, vae, defaults, settings)
+    return optimize_pipeline(WanPipeline(text_encoder, high, low, vae, defaults, settings))
 
 
 def tiny_pipeline(

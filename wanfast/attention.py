@@ -3,29 +3,49 @@
 The backend is resolved once (``set_backend`` at start-up, or lazily on first call), logged, and then
 used for every call. All backends take and return ``[B, L, H, D]`` tensors (the layout the DiT produces
 after its projections), so models never see backend-specific layouts.
+
+Backends:
+- ``sdpa`` (PyTorch picks), ``sdpa-cudnn`` / ``sdpa-flash`` / ``sdpa-math`` (one SDPA kernel forced);
+- ``flash3`` (FlashAttention-3 on Hopper: ``flash_attn_interface``, or ``fa3_fwd_interface`` from the
+  forward-only ``fa3-fwd`` wheel, the ``hopper`` extra), ``flash2`` (``flash_attn``), when importable;
+- ``sage`` (SageAttention, ``sageattention``): quantised, so lossy. Only ever used when named explicitly.
+
+``auto`` on CUDA takes the first available of ``_AUTO_ORDER_CUDA``, fastest measured first on the H200 at
+75,600 tokens (benchmarks/results/2026-11-23_attention_kernels_h200.json): FlashAttention-3 667 TFLOP/s,
+cuDNN 567, SDPA's flash kernel 356; on other devices ``sdpa``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 log = logging.getLogger("wanfast.attention")
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Backend:
+    factory: Callable[[], AttentionFn]  # called once, when the backend is chosen
+    available: Callable[[], bool]
+    lossy: bool = False  # not the exact softmax attention: never chosen by "auto"
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # SDPA wants [B, H, L, D]; transposes are views, SDPA handles the strides.
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
 
 def _sdpa_with(backend: torch.nn.attention.SDPBackend) -> AttentionFn:
-    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         with torch.nn.attention.sdpa_kernel(backend):
             return _sdpa(q, k, v)
 
@@ -36,47 +56,126 @@ def _cudnn_available() -> bool:
     return torch.cuda.is_available() and torch.backends.cudnn.is_available()
 
 
-# name -> (factory, availability check). Factories are called once, when the backend is chosen.
-_REGISTRY: dict[str, tuple[Callable[[], AttentionFn], Callable[[], bool]]] = {
-    "sdpa": (lambda: _sdpa, lambda: True),
-    "sdpa-cudnn": (lambda: _sdpa_with(torch.nn.attention.SDPBackend.CUDNN_ATTENTION), _cudnn_available),
-    "sdpa-flash": (
-        lambda: _sdpa_with(torch.nn.attention.SDPBackend.FLASH_ATTENTION),
-        torch.cuda.is_available,
+def _cuda_with(module: str | tuple[str, ...], min_sm: int, max_sm: int = 99) -> Callable[[], bool]:
+    """Availability of a CUDA-only library backend: a GPU of the right generation, one of the modules
+    importable. ``find_spec`` looks a module up without importing it (a kernel library can take seconds)."""
+    modules = (module,) if isinstance(module, str) else module
+
+    def ok() -> bool:
+        if not torch.cuda.is_available() or not min_sm <= torch.cuda.get_device_capability()[0] <= max_sm:
+            return False
+        try:
+            return any(importlib.util.find_spec(m) is not None for m in modules)
+        except (ImportError, ValueError):
+            return False
+
+    return ok
+
+
+# Library kernels are wrapped as torch custom ops, so torch.compile(fullgraph=True) sees one opaque node
+# per call instead of tracing (or breaking on) the library's Python. The op looks its kernel up here at
+# call time: a factory called again (another process-wide choice, a test) replaces the kernel.
+_KERNELS: dict[str, AttentionFn] = {}
+_OPS: dict[str, AttentionFn] = {}
+
+
+def _library_op(name: str, load: Callable[[], AttentionFn]) -> AttentionFn:
+    _KERNELS[name] = load()
+    if name not in _OPS:
+
+        @torch.library.custom_op(f"wanfast::attn_{name.replace('-', '_')}", mutates_args=())
+        def op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            out = _KERNELS[name](q, k, v)
+            out = out[0] if isinstance(out, tuple) else out  # FA3 releases return out or (out, lse)
+            return out.contiguous()
+
+        @op.register_fake
+        def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return q.new_empty(*q.shape[:-1], v.shape[-1])  # [B, Lq, H, Dv]
+
+        _OPS[name] = op
+    return _OPS[name]
+
+
+_FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")  # upstream build, forward-only wheel
+
+
+def _flash3() -> AttentionFn:
+    # [B, L, H, D] in and out, scale 1/sqrt(D)
+    name = next(m for m in _FA3_MODULES if importlib.util.find_spec(m) is not None)
+    return importlib.import_module(name).flash_attn_func
+
+
+def _flash2() -> AttentionFn:
+    from flash_attn import flash_attn_func  # [B, L, H, D] in and out, scale 1/sqrt(D)
+
+    return flash_attn_func
+
+
+def _sage() -> AttentionFn:
+    from sageattention import sageattn
+
+    return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)  # NHD = [B, L, H, D]
+
+
+_REGISTRY: dict[str, Backend] = {
+    "sdpa": Backend(lambda: _sdpa, lambda: True),
+    "sdpa-cudnn": Backend(
+        lambda: _sdpa_with(torch.nn.attention.SDPBackend.CUDNN_ATTENTION), _cudnn_available
     ),
-    "sdpa-math": (lambda: _sdpa_with(torch.nn.attention.SDPBackend.MATH), lambda: True),
+    "sdpa-flash": Backend(
+        lambda: _sdpa_with(torch.nn.attention.SDPBackend.FLASH_ATTENTION), torch.cuda.is_available
+    ),
+    "sdpa-math": Backend(lambda: _sdpa_with(torch.nn.attention.SDPBackend.MATH), lambda: True),
+    "flash3": Backend(lambda: _library_op("flash3", _flash3), _cuda_with(_FA3_MODULES, 9, 9)),
+    "flash2": Backend(lambda: _library_op("flash2", _flash2), _cuda_with("flash_attn", 8)),
+    "sage": Backend(lambda: _library_op("sage", _sage), _cuda_with("sageattention", 8), lossy=True),
 }
 
-# Preference for "auto" on CUDA: cuDNN measured fastest on the H200 (see BENCHMARKS.md).
-_AUTO_ORDER_CUDA = ("sdpa-cudnn", "sdpa")
+# Preference for "auto" on CUDA, fastest measured first. Lossy backends never appear here.
+_AUTO_ORDER_CUDA = ("flash3", "sdpa-cudnn", "flash2", "sdpa")
 
 _active: tuple[str, AttentionFn] | None = None
 
 
-def register_backend(name: str, factory: Callable[[], AttentionFn], available: Callable[[], bool]) -> None:
-    _REGISTRY[name] = (factory, available)
+def register_backend(
+    name: str, factory: Callable[[], AttentionFn], available: Callable[[], bool], lossy: bool = False
+) -> None:
+    """Add (or replace) a backend; ``factory()`` returns a function of q, k, v [B, L, H, D]."""
+    _REGISTRY[name] = Backend(factory, available, lossy)
 
 
 def available_backends() -> list[str]:
-    return [name for name, (_, ok) in _REGISTRY.items() if ok()]
+    return [name for name, b in _REGISTRY.items() if b.available()]
+
+
+def resolve_backend(name: str = "auto", device: str | torch.device | None = None) -> str:
+    """The backend ``set_backend(name, device)`` would choose, without choosing it."""
+    if name == "auto":
+        is_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        order = _AUTO_ORDER_CUDA if is_cuda else ("sdpa",)
+        return next(
+            n for n in order if n in _REGISTRY and not _REGISTRY[n].lossy and _REGISTRY[n].available()
+        )
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {', '.join(_REGISTRY)}")
+    if not _REGISTRY[name].available():
+        raise RuntimeError(
+            f"attention backend {name!r} is not available here; available: {available_backends()}"
+        )
+    return name
 
 
 def set_backend(name: str = "auto", device: str | torch.device | None = None) -> str:
     """Choose the backend once for this process; returns the resolved name."""
     global _active
-    if name == "auto":
-        is_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        order = _AUTO_ORDER_CUDA if is_cuda else ("sdpa",)
-        name = next(n for n in order if _REGISTRY[n][1]())
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}; registered: {', '.join(_REGISTRY)}")
-    factory, ok = _REGISTRY[name]
-    if not ok():
-        raise RuntimeError(
-            f"attention backend {name!r} is not available here; available: {available_backends()}"
-        )
-    _active = (name, factory())
-    log.info("attention backend: %s", name)
+    name = resolve_backend(name, device)
+    backend = _REGISTRY[name]
+    _active = (name, backend.factory())
+    if backend.lossy:
+        log.warning("attention backend: %s (lossy: outputs differ from exact attention)", name)
+    else:
+        log.info("attention backend: %s", name)
     return name
 
 
@@ -84,7 +183,7 @@ def active_backend() -> str | None:
     return _active[0] if _active else None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention, no mask, scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
     if _active is None:
         set_backend("auto", q.device)

@@ -61,21 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    for register in _extra_commands():
-        register(sub)
+    from wanfast import bench
+    from wanfast.server import cli as server_cli
+
+    bench.register(sub)
+    server_cli.register(sub)
     return parser
-
-
-def _extra_commands() -> list:
-    """Other subcommands, each a module's ``register(subparsers)`` that sets ``func`` on its parser."""
-    registers = []
-    for module in ("wanfast.server.cli",):
-        try:
-            registers.append(__import__(module, fromlist=["register"]).register)
-        except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
-                raise  # a missing dependency of an existing command is an error, not a silent skip
-    return registers
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wanfast.accel import reset_caches
 from wanfast.config import NUM_TRAIN_TIMESTEPS, EngineSettings, SamplingDefaults, SamplingParams
 from wanfast.solvers import make_solver
 from wanfast.video import to_uint8_frames
@@ -151,6 +152,7 @@ class WanPipeline:
 
     @torch.inference_mode()
     def run(self, params: SamplingParams, progress: ProgressFn | None = None) -> GenerationResult:
+        reset_caches(self)  # per-request caches (cross-attention K/V of the last prompts) start empty
         timer = _Timer(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from wanfast.accel import optimize_pipeline
 from wanfast.config import EngineSettings, ModelPreset
 from wanfast.models.dit import WanDiT
 from wanfast.models.text_encoder import TextEncoder, load_tokenizer
@@ -84,10 +86,13 @@ def random_pipeline(
     dtype: torch.dtype = torch.bfloat16,
     vae_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    settings: EngineSettings | None = None,
 ) -> WanPipeline:
-    """Both experts, the text encoder and the VAE at ``preset``'s dimensions, random weights."""
-    settings = EngineSettings(device=device, dtype=dtype, vae_dtype=vae_dtype)
-    return WanPipeline(
+    """Both experts, the text encoder and the VAE at ``preset``'s dimensions, random weights, optimised by
+    ``wanfast.accel`` with the switches of ``settings`` (default ``EngineSettings()``); the device and
+    dtypes are always the arguments'."""
+    settings = replace(settings or EngineSettings(), device=device, dtype=dtype, vae_dtype=vae_dtype)
+    pipe = WanPipeline(
         random_text_encoder(preset, device, dtype, seed + 3),
         random_dit(preset, device, dtype, seed + 1),
         random_dit(preset, device, dtype, seed + 2),
@@ -95,3 +100,4 @@ def random_pipeline(
         preset.defaults,
         settings,
     )
+    return optimize_pipeline(pipe)

@@ -111,16 +111,25 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
+    def kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, Lk, H, D] of ``context`` [B, Lk, C]. A hook: ``wanfast.accel`` caches the
+        cross-attention ones per prompt and passes them back to ``forward`` as ``context``."""
+        context = context.to(self.k.weight.dtype)
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
+        return k, self.v(context).unflatten(-1, (self.num_heads, -1))
+
     def forward(
-        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        context: Tensor | tuple[Tensor, Tensor] | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        # x [B, Lq, C]; context [B, Lk, C] (None: self-attention) -> [B, Lq, C] in the weight dtype
+        # x [B, Lq, C]; context: text [B, Lk, C], or its ``kv(context)``, or None (self-attention)
+        # -> [B, Lq, C] in the weight dtype
         dtype = self.q.weight.dtype
         x = x.to(dtype)
-        kv = x if context is None else context.to(dtype)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, Lq, H, D]
-        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1))  # [B, Lk, H, D]
-        v = self.v(kv).unflatten(-1, (self.num_heads, -1))
+        k, v = context if isinstance(context, tuple) else self.kv(x if context is None else context)
         if rope is not None:
             q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
         return self.o(attention(q, k, v).flatten(2))
@@ -204,9 +213,18 @@ class WanDiT(nn.Module):
                 raise ValueError(f"context rows must be [L <= {n}, text_dim], got {tuple(u.shape)}")
         return torch.stack([F.pad(u, (0, 0, 0, n - u.shape[0])) for u in rows])
 
+    def embed_text(self, context: Tensor | list[Tensor], device: torch.device) -> Tensor:
+        """Text states -> [B, text_len, C], weight dtype. A hook: ``wanfast.accel`` caches it per prompt."""
+        return self.text_embedding(self.pad_context(context).to(device=device, dtype=self.dtype))
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """RoPE (cos, sin) [L, D/2] of a patch grid. A hook: ``wanfast.accel`` caches it per grid."""
+        return rope_freqs(self.cfg, grid, device)
+
     def time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """t [B] -> (e [B, C], e0 [B, 6, C]), both float32."""
-        e = sinusoidal_embedding(t, self.cfg.freq_dim)
+        """t [T] (T = B, or 1 for one timestep shared by the batch) -> (e [T, C], e0 [T, 6, C]), float32.
+        A hook: ``wanfast.accel`` reuses it within a step (the CFG pair gets the same ``t`` tensor)."""
+        e = sinusoidal_embedding(t.reshape(-1), self.cfg.freq_dim)
         for layer in self.time_embedding:
             e = _linear_fp32(layer, e) if isinstance(layer, nn.Linear) else layer(e)
         e0 = _linear_fp32(self.time_projection[1], F.silu(e))
@@ -223,11 +241,10 @@ class WanDiT(nn.Module):
         dtype = self.dtype
 
         x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, C], L = f*h*w
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        e, e0 = self.time_embed(t)  # [B, C], [B, 6, C] float32
-        ctx = self.pad_context(context).to(device=x.device, dtype=dtype)
-        ctx = self.text_embedding(ctx)  # [B, text_len, C]
-        rope = rope_freqs(self.cfg, grid, x.device)
+        e, e0 = self.time_embed(torch.as_tensor(t, device=x.device))  # [T, C], [T, 6, C], T = 1 or B
+        e, e0 = e.expand(B, -1), e0.expand(B, -1, -1)  # float32
+        ctx = self.embed_text(context, x.device)  # [B, text_len, C]
+        rope = self.rope(grid, x.device)
 
         for block in self.blocks:
             x = block(x, e0, ctx, rope)

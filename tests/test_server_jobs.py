@@ -1,0 +1,147 @@
+"""The job store's state machine, queue bound, restart rule and fencing; request validation. No processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from wanfast.config import PRESETS
+from wanfast.server.jobs import JobStore, NotOwner, QueueFull
+from wanfast.server.schemas import VideoRequest, validate_request
+
+REQ = {"prompt": "a cat", "steps": 4}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(tmp_path / "jobs.db")
+
+
+def claimed(store: JobStore, owner: str = "w1"):
+    store.register_worker(owner)
+    job = store.claim(owner)
+    assert job is not None and job.state == "running" and job.owner == owner
+    return job
+
+
+def test_lifecycle_and_atomic_result(store, tmp_path):
+    job, created = store.submit(REQ, max_queued=4, steps=4)
+    assert created and job.state == "queued" and job.request == REQ and job.steps == 4
+    assert store.queue_position(job) == 0
+    assert store.claim("nobody") is None, "an unregistered worker must not take jobs"
+    job = claimed(store)
+    assert job.attempts == 1 and store.queue_position(job) is None
+    store.start(job.id, "w1", {"steps": 4, "prompt": "a cat"})
+    assert store.progress(job.id, "w1", 1, 4, "high_noise", 0.5, 1.5) is False
+    got = store.get(job.id)
+    assert (got.step, got.steps, got.expert, got.eta_seconds) == (1, 4, "high_noise", 1.5)
+    tmp, final = tmp_path / f"{job.id}.tmp.mp4", tmp_path / f"{job.id}.mp4"
+    tmp.write_bytes(b"video")
+    store.finish(job.id, "w1", "succeeded", timings={"total": 2.0}, result=(tmp, final))
+    got = store.get(job.id)
+    assert got.state == "succeeded" and got.timings == {"total": 2.0} and got.finished_at is not None
+    assert final.read_bytes() == b"video" and not tmp.exists()
+    assert store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+    with pytest.raises(ValueError, match="not a final state"):
+        store.finish(job.id, "w1", "running")
+
+
+def test_queue_bound_counts_waiting_jobs_only(store):
+    store.submit(REQ, max_queued=2)
+    store.submit(REQ, max_queued=2)
+    with pytest.raises(QueueFull, match="2 jobs waiting"):
+        store.submit(REQ, max_queued=2)
+    claimed(store)  # a running job frees a queue slot
+    job, created = store.submit(REQ, max_queued=2)
+    assert created and store.queue_position(job) == 1
+    assert store.list(state="queued")[1] == 2 and store.list()[1] == 3
+
+
+def test_idempotency_key_returns_the_first_job(store):
+    first, created = store.submit(REQ, max_queued=4, idempotency_key="k1")
+    again, created_again = store.submit({"prompt": "other"}, max_queued=4, idempotency_key="k1")
+    assert created and not created_again and again.id == first.id and again.request == REQ
+    assert store.list()[1] == 1
+
+
+def test_cancel_queued_now_running_at_next_step(store):
+    store.submit(REQ, 4)
+    running = claimed(store)
+    queued, _ = store.submit(REQ, 4)
+    assert store.cancel(queued.id).state == "cancelled"
+    flagged = store.cancel(running.id)
+    assert flagged.state == "running" and flagged.cancel_requested
+    assert store.progress(running.id, "w1", 2, 4, "low_noise", 0.1, 0.2) is True
+    store.finish(running.id, "w1", "cancelled", error="stopped")
+    assert store.cancel(running.id).state == "cancelled"  # terminal: unchanged
+    assert store.cancel("no-such-id") is None
+
+
+def test_restart_rule(store, tmp_path):
+    store.max_attempts = 3
+    ids = [store.submit({"prompt": f"job {i}"}, 10)[0].id for i in range(4)]
+    store.register_worker("w1")
+    plain, to_cancel, poison = (store.claim("w1") for _ in range(3))
+    store.progress(plain.id, "w1", 3, 4, "low_noise", 0.1, 0.1)
+    store.cancel(to_cancel.id)
+    store._con().execute("UPDATE jobs SET attempts = 3 WHERE id = ?", (poison.id,))
+    (tmp_path / f"{plain.id}.tmp.mp4").write_bytes(b"half a video")
+
+    changed = store.recover(tmp_path, "server restarted")
+    assert changed == {plain.id: "queued", to_cancel.id: "cancelled", poison.id: "failed"}
+    requeued = store.get(plain.id)
+    assert requeued.note == "re-queued: server restarted at step 3 of 4" and requeued.step == 0
+    assert requeued.owner is None and requeued.error is None and requeued.attempts == 1
+    assert "interrupted 3 times (server restarted" in store.get(poison.id).error
+    assert "cancelled by request" in store.get(to_cancel.id).error
+    assert store.get(ids[3]).state == "queued" and not list(tmp_path.glob("*.tmp.mp4"))
+    # the interrupted job keeps its place ahead of the job submitted after it
+    store.register_worker("w2")
+    assert store.claim("w2").id == plain.id and store.claim("w2").id == ids[3]
+
+
+def test_clean_shutdown_does_not_count_an_attempt(store):
+    store.max_attempts = 1
+    store.submit(REQ, 4)
+    job = claimed(store)
+    assert store.recover(None, "server stopped", count_attempt=False) == {job.id: "queued"}
+    assert store.get(job.id).attempts == 0
+    claimed(store, "w2")
+    assert store.recover(None, "server restarted") == {job.id: "failed"}
+
+
+def test_fencing_keeps_an_orphaned_worker_out(store, tmp_path):
+    store.submit(REQ, 4)
+    store.submit(REQ, 4)
+    job = claimed(store, "old")
+    store.register_worker("new")
+    assert store.claim("old") is None, "a replaced worker must not take jobs"
+    assert not store.heartbeat("old", "busy") and store.heartbeat("new", "ready", pid=1)
+    store.recover(tmp_path, "server restarted")
+    with pytest.raises(NotOwner):
+        store.progress(job.id, "old", 2, 4, "high_noise", 0.1, 0.1)
+    tmp, final = tmp_path / "x.tmp.mp4", tmp_path / "x.mp4"
+    tmp.write_bytes(b"late")
+    with pytest.raises(NotOwner):
+        store.finish(job.id, "old", "succeeded", result=(tmp, final))
+    assert not final.exists() and not tmp.exists() and store.get(job.id).state == "queued"
+
+
+def test_validate_request_shares_the_pipeline_rules():
+    defaults, limit = PRESETS["tiny"].defaults, 50
+    ok, params = validate_request(
+        VideoRequest(prompt="a cat", size="64x32", frames=5, fps=8), defaults, limit
+    )
+    assert ok == {"prompt": "a cat", "size": [64, 32], "frames": 5, "seed": 0, "fps": 8}
+    assert (params.width, params.height, params.frames, params.steps) == (64, 32, 5, defaults.steps)
+    stored, params = validate_request(VideoRequest(prompt="a", negative_prompt=""), defaults, limit)
+    assert stored["negative_prompt"] == "" and params.negative_prompt == defaults.negative_prompt
+    bad = [
+        ({"size": "100x100"}, "width must be a positive multiple of 16"),
+        ({"frames": 10}, "frames must be 4n\\+1"),
+        ({"size": "8192x16"}, "at most 4096 pixels per side"),
+        ({"prompt": "x" * 51}, "prompt has 51 characters; this server accepts at most 50"),
+        ({"negative_prompt": "x" * 60}, "negative_prompt has 60 characters"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ValueError, match=message):
+            validate_request(VideoRequest(**{"prompt": "a cat", **fields}), defaults, limit)

@@ -1,0 +1,107 @@
+"""Lossless speed-ups, applied to a built plain ``WanDiT`` (``wanfast/models`` stays plain eager code).
+
+``optimize_dit(dit, settings)`` applies, in this order, each behind its ``EngineSettings`` switch:
+
+1. ``fuse_projections``: one QKV GEMM per self-attention, one KV GEMM per cross-attention (``fuse.py``);
+2. ``cache_rope``: RoPE tables once per (grid, device) (``caches.py``);
+3. ``cache_cross_kv``: text embedding and per-block cross-attention K/V once per (expert, prompt), and the
+   time embedding once per step (the CFG pair shares it) (``caches.py``);
+4. ``compile``: regional torch.compile of every block, fullgraph, static shapes (``compile.py``);
+   ``None`` means on for CUDA only;
+5. ``cuda_graphs``: the whole forward captured per input signature (``graphs.py``); CUDA only. The
+   caches of 2-3 cannot live inside a graph (a capture bakes in what a lookup returned), so the graph
+   wrapper disables them and replays their work as kernels; this is logged.
+
+Fusion must come before the caches (the cross-K/V pre-hook calls whichever ``cross_attn.kv`` the block
+has) and compile before graphs (graphs capture the compiled kernels; warm-up compiles). Nothing moves
+weights: both experts stay resident on their device, as built.
+
+``optimize_pipeline(pipe)`` applies it to both experts with ``pipe.settings`` and chooses the attention
+backend; ``reset_caches(pipe)`` (called by ``WanPipeline.run`` at the start of each request) clears the
+per-request caches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from wanfast import attention
+from wanfast.accel.caches import cache_cross_kv, cache_rope, cache_time_embedding, caches_of
+from wanfast.accel.compile import compile_blocks
+from wanfast.accel.fuse import fuse_projections
+from wanfast.accel.graphs import CUDAGraphDiT
+from wanfast.config import EngineSettings
+from wanfast.models.dit import WanDiT
+
+log = logging.getLogger("wanfast.accel")
+
+__all__ = ["optimize_dit", "optimize_pipeline", "reset_caches", "choose_attention"]
+
+
+def choose_attention(settings: EngineSettings) -> str:
+    """Resolve ``settings.attention_backend`` once: an explicit name always wins; "auto" keeps a backend
+    already chosen (e.g. by the CLI's --attention) and otherwise picks the preferred available one."""
+    if settings.attention_backend != "auto" or attention.active_backend() is None:
+        return attention.set_backend(settings.attention_backend, settings.device)
+    return attention.active_backend()
+
+
+def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str = "inductor") -> nn.Module:
+    """Apply the enabled optimisations to ``dit`` in place, in the module docstring's order. Returns the
+    module to call: ``dit`` itself, or a ``CUDAGraphDiT`` wrapping it when ``settings.cuda_graphs``."""
+    if caches_of(dit) or isinstance(dit, CUDAGraphDiT):
+        raise ValueError("this DiT is already optimised; optimize_dit applies to a plain one, once")
+    device = next(dit.parameters()).device
+    use_compile = settings.compile if settings.compile is not None else device.type == "cuda"
+    if settings.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the DiT on a CUDA device, not {device}")
+    applied = []
+    if settings.fuse_projections:
+        applied.append(f"fuse_projections ({fuse_projections(dit)} blocks)")
+    if settings.cache_rope:
+        cache_rope(dit)
+        applied.append("cache_rope")
+    if settings.cache_cross_kv:
+        cache_cross_kv(dit)
+        cache_time_embedding(dit)
+        applied.append("cache_cross_kv (+ time embedding)")
+    if use_compile:
+        choose_attention(settings)  # traced code bakes the backend in: choose it before the first trace
+        applied.append(f"compile ({compile_blocks(dit, compile_backend)} blocks, {compile_backend})")
+    if settings.cuda_graphs:
+        dit = CUDAGraphDiT(dit)
+        applied.append(
+            "cuda_graphs" + (" (caches disabled: the graph replays their work)" if caches_of(dit) else "")
+        )
+    log.info("accel: %s", ", ".join(applied) or "nothing (plain eager)")
+    return dit
+
+
+def optimize_pipeline(pipe, *, compile_backend: str = "inductor"):
+    """Choose the attention backend, optimise both experts and the VAE decode of a ``WanPipeline`` with
+    ``pipe.settings``.
+    Returns ``pipe`` (its ``experts`` entries replaced by the modules to call)."""
+    backend = choose_attention(pipe.settings)
+    log.info("accel: attention backend %s", backend)
+    for name, dit in pipe.experts.items():
+        pipe.experts[name] = optimize_dit(dit, pipe.settings, compile_backend=compile_backend)
+    from wanfast.accel.vae import optimize_vae
+
+    pipe.vae = optimize_vae(pipe.vae, pipe.settings)
+    return pipe
+
+
+def reset_caches(obj) -> int:
+    """Clear the per-request caches of a pipeline's experts or of one module; returns how many were
+    cleared. RoPE tables depend on the shape alone and are kept."""
+    modules = list(obj.experts.values()) if hasattr(obj, "experts") else [obj]
+    cleared = 0
+    for module in modules:
+        if isinstance(module, nn.Module):
+            for cache in caches_of(module):
+                if cache.per_request:
+                    cache.clear()
+                    cleared += 1
+    return cleared

@@ -1,0 +1,535 @@
+"""``wanfast bench``: what a user waits for, on the real architecture with random weights (no download).
+
+Times one DiT forward, one denoising step (both guidance passes and the solver step), text encoding, the
+VAE decode and a whole generation, with peak memory, for each engine setting of ``--compare`` and, in the
+same process, for Diffusers (``wanfast.bench_peer``). A 40-step 720p generation takes ~15 min per engine on
+an H200, so besides the measured ``--steps N`` generation the bench reports a *composed* estimate,
+text encoding + ``--composed-steps`` x median step + VAE decode, each term measured in this run. Every
+number in the JSON says whether it was measured or composed. Output: a table, JSON and a PNG bar chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from wanfast.config import PRESETS, ConfigError, EngineSettings, ModelPreset, SamplingParams, parse_dtype
+
+WHATS = ("forward", "step", "text", "vae", "generate")
+# The --compare ladder: each rung adds its switches to every rung before it, starting from plain eager.
+LADDER: tuple[tuple[str, dict], ...] = (
+    ("eager", {}),
+    ("fused", {"fuse_projections": True}),
+    ("cross_kv", {"cache_cross_kv": True}),
+    ("rope", {"cache_rope": True}),
+    ("compiled", {"compile": True}),
+    ("graphs", {"cuda_graphs": True}),
+)
+ENGINES = (*(name for name, _ in LADDER), "default")  # default: EngineSettings(), what `generate` runs
+PROMPT = "a red fox trotting through fresh snow in a pine forest at dawn, cinematic, slow motion"
+COMPOSED = "text_encoding + {n} x median step + vae_decode, each term measured in this run"
+
+
+def engine_settings(name: str, base: EngineSettings) -> EngineSettings:
+    if name == "default":
+        return base
+    settings = base.plain()
+    for rung, switches in LADDER:
+        settings = replace(settings, **switches)
+        if rung == name:
+            return settings
+    raise ConfigError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    impl: str  # "wanfast" or "diffusers"
+    settings: EngineSettings | None = None  # None for Diffusers
+
+
+@dataclass
+class Plan:
+    """One validated invocation: every argument is checked here, before any model is built."""
+
+    preset: ModelPreset
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    params: dict[str, SamplingParams]  # "WxH" -> the measured generation's request at that size
+    engines: list[Engine]  # --compare
+    gen_engines: list[Engine]  # --compare, plus the eager reference that --check needs
+    peer: bool
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    preset = PRESETS[args.model]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
+    if args.check and "generate" not in args.what:
+        raise ConfigError(
+            "--check compares the final latents of measured generations: add generate to --what"
+        )
+    if args.repeats < 1 or args.warmup < 0 or args.gen_repeats < 1 or args.composed_steps < 1:
+        raise ConfigError("--repeats, --gen-repeats and --composed-steps must be >= 1, --warmup >= 0")
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    vae_dtype = parse_dtype(args.vae_dtype) if args.vae_dtype else dtype
+    sizes = args.sizes or [preset.defaults.size, *([(1280, 720)] if args.model == "t2v-A14B" else [])]
+    overrides = dict(frames=args.frames, steps=args.steps, seed=args.seed)
+    params = {  # SamplingParams validates every size, the frame count and the step count
+        f"{w}x{h}": SamplingParams.from_defaults(preset.defaults, PROMPT, width=w, height=h, **overrides)
+        for w, h in sizes
+    }
+    base = EngineSettings(
+        device=str(device), dtype=dtype, vae_dtype=vae_dtype, attention_backend=args.attention
+    )
+    engines = [Engine(n, "wanfast", engine_settings(n, base)) for n in args.compare]
+    gen_engines = list(engines)
+    if args.check and not any(e.settings == e.settings.plain() for e in engines):
+        gen_engines.insert(0, Engine("eager", "wanfast", base.plain()))
+    return Plan(preset, device, dtype, vae_dtype, params, engines, gen_engines, _resolve_peer(args.peer))
+
+
+def _resolve_peer(peer: str) -> bool:
+    from wanfast.bench_peer import version
+
+    if peer == "none":
+        return False
+    if version() is None:
+        if peer == "diffusers":
+            raise ConfigError("--peer diffusers: diffusers is not importable here (pip install diffusers)")
+        _log("DIFFUSERS IS NOT INSTALLED: no peer and no ratios (pip install diffusers, or pass --peer none)")
+        return False
+    return True
+
+
+def _release() -> None:
+    """Frees the last engine's models: compiled graphs keep their modules alive until dynamo is reset."""
+    gc.collect()
+    if "torch._dynamo" in sys.modules:  # importing it only to reset it costs seconds
+        torch._dynamo.reset()
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _vae_row(settings: EngineSettings) -> str:
+    """The VAE row of a wanfast engine: ``optimize_vae`` is the one switch that changes the VAE."""
+    return "wanfast" if settings.optimize_vae else "wanfast-plain-vae"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def _warm_params(params: SamplingParams) -> SamplingParams:
+    """A 2-step request whose boundary falls between its two timesteps, so warm-up runs both experts
+    (compiling or first-calling the low-noise expert must not land in the measured run)."""
+    from wanfast.solvers import make_solver
+
+    ts = make_solver(params.solver, 2, params.shift).timesteps.tolist()
+    return params.with_(steps=2, boundary=(ts[0] + ts[1]) / 2000)
+
+
+class Bench:
+    """Runs a plan's measurements, one set of models on the device at a time, and collects the records."""
+
+    def __init__(self, plan: Plan, args: argparse.Namespace) -> None:
+        from wanfast.bench_peer import Clock, DiffusersSide, WanfastSide, make_inputs
+
+        self.plan, self.args, self.clock = plan, args, Clock(plan.device)
+        side_args = (plan.preset, plan.device, plan.dtype, plan.vae_dtype, args.seed)
+        ours = WanfastSide(*side_args)
+        peer = [(DiffusersSide(*side_args), Engine("diffusers", "diffusers"))] if plan.peer else []
+        self.text_runs = [(ours, Engine("wanfast", "wanfast"))] + peer
+        vae_settings = {e.settings.optimize_vae: e.settings for e in plan.engines}  # the only VAE switch
+        self.vae_runs = [(ours, Engine(_vae_row(s), "wanfast", s)) for s in vae_settings.values()] + peer
+        self.dit_runs = [(ours, e) for e in plan.engines] + peer
+        self.gen_runs = [(ours, e) for e in plan.gen_engines] + peer
+        self.inputs = {
+            k: make_inputs(plan.preset, p, plan.device, plan.dtype) for k, p in plan.params.items()
+        }
+        self.records: list[dict] = []
+        self.latents: dict[tuple[str, str], torch.Tensor] = {}
+
+    def add(self, engine: Engine, what: str, size: str | None, data: dict, **extra) -> None:
+        frames = self.plan.params[size].frames if size else None
+        rec = {"engine": engine.name, "impl": engine.impl, "what": what, "size": size, "frames": frames}
+        self.records.append({**rec, "kind": "measured", **extra, **data})
+        _log(
+            f"{engine.name} {what} {size or ''}: {data['seconds']:.4f} s, {_gib(data['peak_memory_bytes'])} GiB"
+        )
+
+    def text(self, side, engine: Engine) -> None:
+        """Text encoding (prompt and negative prompt), once per implementation: no engine switch touches it."""
+        te, a = side.build_text(), self.args
+        fn = side.text(te, PROMPT, self.plan.preset.defaults.negative_prompt)
+        self.add(engine, "text", None, self.clock.sample(fn, a.warmup, a.repeats))
+        del te, fn
+        _release()
+
+    def vae(self, side, engine: Engine) -> None:
+        """VAE decode of the normalised latents of every size."""
+        vae, a = side.build_vae(engine.settings), self.args
+        for size, inp in self.inputs.items():
+            self.add(engine, "vae", size, self.clock.sample(side.vae(vae, inp), a.warmup, a.repeats))
+        del vae
+        _release()
+
+    def dit(self, side, engine: Engine) -> None:
+        """One expert: a forward with the prompt, then steps of the real denoising loop."""
+        a = self.args
+        dit = side.build_dit(engine.settings)
+        for size, inp in self.inputs.items():
+            if "forward" in a.what:
+                sample = self.clock.sample(side.forward(dit, inp), a.warmup, a.repeats)
+                self.add(engine, "forward", size, sample, tokens=inp.x[0, 0].numel() // 4)  # 1x2x2 patches
+            if "step" in a.what:  # no local keeps the loop (and so the model) alive past this method
+                steps = self.clock.steps(side.steps(dit, inp, self.plan.params[size]), a.warmup, a.repeats)
+                self.add(engine, "step", size, steps)
+        del dit
+        _release()
+
+    def generation(self, side, engine: Engine) -> None:
+        """The whole pipeline: a 2-step warm-up generation (if --warmup), then the measured one(s)."""
+        a = self.args
+        pipe = side.build_pipeline(engine.settings)
+        for size, params in self.plan.params.items():
+            warm = [side.generate(pipe, _warm_params(params), self.clock)["seconds"]] if a.warmup else []
+            runs = [side.generate(pipe, params, self.clock) for _ in range(a.gen_repeats)]
+            self.latents[(engine.name, size)] = runs[-1].pop("latents")
+            stages = {k: statistics.median(r["stages_s"][k] for r in runs) for k in runs[0]["stages_s"]}
+            data = {
+                "seconds": statistics.median(r["seconds"] for r in runs),
+                "times_s": [r["seconds"] for r in runs],
+                "warmup_times_s": warm,
+                "peak_memory_bytes": max((r["peak_memory_bytes"] or 0) for r in runs) or None,
+                "stages_s": stages,
+                "step_times_s": [t for r in runs for t in r["step_times_s"]],
+                "steps_per_expert": runs[0].get("steps_per_expert"),
+            }
+            self.add(engine, "generate", size, data, steps=params.steps)
+        del pipe
+        _release()
+
+    def checks(self) -> list[dict]:
+        """Relative error of each engine's final latents against the plain engine's (same weights, seed)."""
+        if not self.args.check:
+            return []
+        engines = self.plan.gen_engines
+        ref = next(e for e in engines if e.settings == e.settings.plain())
+        out = []
+        for e in (e for e in engines if e is not ref):
+            for size, params in self.plan.params.items():
+                a, b = self.latents[(e.name, size)], self.latents[(ref.name, size)]
+                err = float((a - b).norm() / b.norm())
+                tol = self.args.check_tol
+                out.append({"engine": e.name, "reference": ref.name, "size": size, "steps": params.steps,
+                            "relative_error": err, "tolerance": tol, "ok": err <= tol})  # fmt: skip
+        return out
+
+    def run(self) -> dict:
+        what = set(self.args.what)
+        with torch.inference_mode():
+            for side, engine in self.text_runs if "text" in what else []:
+                self.text(side, engine)
+            for side, engine in self.vae_runs if "vae" in what else []:
+                self.vae(side, engine)
+            for side, engine in self.dit_runs if what & {"forward", "step"} else []:
+                self.dit(side, engine)
+            for side, engine in self.gen_runs if "generate" in what else []:
+                self.generation(side, engine)
+        engines = [e for _, e in self.gen_runs]
+        self.records += compose(self.records, engines, list(self.plan.params), self.args.composed_steps)
+        annotate_ratios(self.records, self.plan.engines[0].name)
+        return {
+            "tool": "wanfast bench",
+            "schema": 1,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": _environment(self.plan.device),
+            "config": _config(self.plan, self.args),
+            "engines": [_engine_json(s, e) for s, e in self.gen_runs],
+            "measurements": self.records,
+            "checks": self.checks(),
+            "notes": [
+                "kind 'measured': timed in this run; seconds = median of times_s (after warmup_times_s)",
+                "kind 'composed': " + COMPOSED.format(n=self.args.composed_steps) + "; not a run",
+                "text rows are per implementation (no engine switch changes the text encoder); vae rows per "
+                "implementation and optimize_vae setting ('wanfast' on, 'wanfast-plain-vae' off)",
+                "weights are random: speed does not depend on their values",
+            ],
+        }
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Every measurement of one invocation as a JSON-ready dict (``bench_main`` prints and writes it)."""
+    from wanfast import attention
+
+    plan = make_plan(args)
+    backend = attention.set_backend(args.attention, plan.device)
+    report = Bench(plan, args).run()
+    report["environment"]["attention_backend"] = backend
+    return report
+
+
+def _config(plan: Plan, args: argparse.Namespace) -> dict:
+    first = next(iter(plan.params.values()))
+    return {"model": plan.preset.name, "sizes": list(plan.params), "frames": first.frames, "steps": first.steps,
+            "composed_steps": args.composed_steps, "what": args.what, "compare": args.compare,
+            "repeats": args.repeats,
+            "warmup": args.warmup, "gen_repeats": args.gen_repeats, "dtype": str(plan.dtype),
+            "vae_dtype": str(plan.vae_dtype), "seed": args.seed, "prompt": PROMPT}  # fmt: skip
+
+
+def _engine_json(side, engine: Engine) -> dict:
+    if engine.settings is None:
+        return {"name": engine.name, "impl": engine.impl, "settings": side.settings()}
+    settings = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in asdict(engine.settings).items()}
+    return {"name": engine.name, "impl": engine.impl, "settings": settings}
+
+
+def _environment(device: torch.device) -> dict:
+    import transformers
+
+    from wanfast.bench_peer import version
+
+    try:
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+        commit = commit.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "diffusers": version(),
+            "python": platform.python_version(), "commit": commit}  # fmt: skip
+
+
+def compose(records: list[dict], engines: list[Engine], sizes: list[str], steps: int) -> list[dict]:
+    """The composed ``steps``-step estimate per engine and size from terms measured in this run: the
+    standalone text / step / vae measurements where present, else the stages of that engine's generation.
+    Where a generation was measured, the same formula at its step count stands beside its measured time."""
+
+    def find(engine: str, what: str, size: str | None) -> dict | None:
+        keys = (engine, what, size, "measured")
+        return next((r for r in records if (r["engine"], r["what"], r["size"], r["kind"]) == keys), None)
+
+    out = []
+    for e in engines:
+        for size in sizes:
+            vae_row = _vae_row(e.settings) if e.settings else e.name
+            gen, step = find(e.name, "generate", size), find(e.name, "step", size)
+            text, vae = find(e.impl, "text", None), find(vae_row, "vae", size)
+            terms = {
+                "text_encoding": _term(
+                    (text, _seconds, "text"), (gen, _gen_stage("text_encoding"), "generate")
+                ),
+                "step": _term((step, _seconds, "step"), (gen, _gen_median_step, "generate: median step")),
+                "vae_decode": _term((vae, _seconds, "vae"), (gen, _gen_stage("vae_decode"), "generate")),
+            }
+            if None in terms.values():
+                continue
+            (t, _), (s, _), (v, _) = terms["text_encoding"], terms["step"], terms["vae_decode"]
+            rec = {"engine": e.name, "impl": e.impl, "what": "generate", "size": size, "kind": "composed",
+                   "steps": steps, "seconds": t + steps * s + v, "peak_memory_bytes": None,
+                   "formula": COMPOSED.format(n=steps),
+                   "terms": {k: {"seconds": val, "from": src} for k, (val, src) in terms.items()}}  # fmt: skip
+            if gen:  # how well the formula predicts a run that was measured
+                rec["at_measured_steps"] = {"steps": gen["steps"], "composed_s": t + gen["steps"] * s + v,
+                                            "measured_s": gen["seconds"]}  # fmt: skip
+            out.append(rec)
+    return out
+
+
+def _term(*options: tuple[dict | None, Callable[[dict], float], str]) -> tuple[float, str] | None:
+    """(value, source) from the first option whose record exists."""
+    return next(((get(rec), src) for rec, get, src in options if rec is not None), None)
+
+
+def _seconds(rec: dict) -> float:
+    return rec["seconds"]
+
+
+def _gen_stage(stage: str) -> Callable[[dict], float]:
+    return lambda rec: rec["stages_s"][stage]
+
+
+def _gen_median_step(rec: dict) -> float:
+    return statistics.median(rec["step_times_s"])
+
+
+def annotate_ratios(records: list[dict], first: str) -> None:
+    """``vs_diffusers``: time (and ``memory_vs_diffusers``: peak memory) over the Diffusers row of the same
+    what, size, kind and step count; ``vs_first``: time over the first --compare engine's. < 1 is better."""
+
+    def key(r: dict) -> tuple:
+        return r["what"], r["size"], r["kind"], r.get("steps")
+
+    peer = {key(r): r for r in records if r["impl"] == "diffusers"}
+    base = {key(r): r for r in records if r["engine"] == first}
+    for r in (r for r in records if r["impl"] == "wanfast"):
+        if (p := peer.get(key(r))) is not None:
+            r["vs_diffusers"] = r["seconds"] / p["seconds"]
+            if r["peak_memory_bytes"] and p["peak_memory_bytes"]:
+                r["memory_vs_diffusers"] = r["peak_memory_bytes"] / p["peak_memory_bytes"]
+        if (b := base.get(key(r))) is not None:
+            r["vs_first"] = r["seconds"] / b["seconds"]
+
+
+def _label(r: dict) -> str:
+    if r["what"] != "generate":
+        return r["what"]
+    return f"generate {r['steps']} steps" + (" (composed)" if r["kind"] == "composed" else "")
+
+
+def _order(r: dict) -> tuple:
+    return WHATS.index(r["what"]), r["kind"] == "composed", r["size"] or "", r["impl"] != "wanfast"
+
+
+def format_table(report: dict) -> str:
+    env, cfg, first = report["environment"], report["config"], report["config"]["compare"][0]
+    head = ("what", "size", "engine", "kind", "seconds", "peak GiB", "vs diffusers", f"vs {first}")
+    order = sorted(report["measurements"], key=_order)
+    rows = [head] + [
+        (_label(r), r["size"] or "-", r["engine"], r["kind"], f"{r['seconds']:.3f}", _gib(r["peak_memory_bytes"]),
+         f"{r['vs_diffusers']:.3f}x" if "vs_diffusers" in r else "-",
+         f"{r['vs_first']:.3f}x" if "vs_first" in r else "-")
+        for r in order
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        f"wanfast bench: {cfg['model']} on {env['device_name']} (torch {env['torch']}), {cfg['frames']} frames, "
+        f"{cfg['dtype']}, VAE {cfg['vae_dtype']}, attention {env['attention_backend']}"
+    ]
+    just = [str.ljust] * 4 + [str.rjust] * 4  # names left, numbers right
+    lines += ["  ".join(f(c, w) for f, c, w in zip(just, row, widths, strict=True)) for row in rows]
+    if any(r["kind"] == "composed" for r in report["measurements"]):
+        lines.append(f"composed = {COMPOSED.format(n=cfg['composed_steps'])}")
+    for c in report["checks"]:
+        verdict = "ok" if c["ok"] else f"EXCEEDS {c['tolerance']:g}"
+        lines.append(f"check {c['engine']} vs {c['reference']} at {c['size']}, {c['steps']} steps: relative "
+                     f"error of the final latents {c['relative_error']:.3e} ({verdict})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_png(report: dict, path: Path) -> str | None:
+    """A bar chart, one panel per (what, size); returns None, or why no PNG was written."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state; savefig renders with Agg
+    except ImportError as e:
+        return f"matplotlib is not importable ({e}); pip install matplotlib to get the PNG"
+    records = sorted(report["measurements"], key=_order)
+    labels = list(dict.fromkeys(_label(r) for r in records))  # one row of panels each
+    sizes = list(dict.fromkeys(r["size"] for r in records if r["size"])) or [None]  # one column each
+    fig = Figure(figsize=(1.5 + 3.2 * len(sizes), 0.6 + 2.6 * len(labels)), layout="constrained")
+    axes = fig.subplots(len(labels), len(sizes), squeeze=False)
+    panels: dict[tuple[int, int], list[dict]] = {}
+    for r in records:  # size-independent rows (text) go to the first column
+        panels.setdefault((labels.index(_label(r)), sizes.index(r["size"]) if r["size"] else 0), []).append(r)
+    for i, j in itertools.product(range(len(labels)), range(len(sizes))):
+        ax, rows = axes[i][j], panels.get((i, j))
+        if not rows:
+            ax.set_axis_off()
+            continue
+        colors = ["tab:gray" if r["impl"] == "diffusers" else "tab:blue" for r in rows]
+        bars = ax.bar(range(len(rows)), [r["seconds"] for r in rows], color=colors)
+        for bar, r in zip(bars, rows, strict=True):
+            bar.set_hatch("//" if r["kind"] == "composed" else "")
+        ratio = [f"\n{r['vs_diffusers']:.2f}x" if "vs_diffusers" in r else "" for r in rows]
+        ax.bar_label(bars, [f"{r['seconds']:.3g} s{x}" for r, x in zip(rows, ratio, strict=True)], fontsize=7)
+        ax.set_xticks(range(len(rows)), [r["engine"] for r in rows], rotation=20, fontsize=8)
+        ax.set_title(f"{labels[i]}, {rows[0]['size'] or 'any size'}", fontsize=9)
+        ax.set_ylabel("seconds", fontsize=8)
+        ax.margins(y=0.25)
+    env = report["environment"]
+    fig.suptitle(f"wanfast bench, {report['config']['model']} on {env['device_name']}\nseconds (lower is better), "
+                 "time / Diffusers under each bar; hatched: composed estimate", fontsize=10)  # fmt: skip
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items or any(s not in choices for s in items) or len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give a comma-separated list, no repeats, of {', '.join(choices)}"
+            )
+        return items
+
+    return parse
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+        if all(len(s) == 2 for s in sizes):
+            return sizes
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], e.g. 832x480,1280x720"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds ``bench`` to a CLI's subparsers; the parsed namespace runs with ``args.func(args)``."""
+    p = subparsers.add_parser("bench", help="time the engine against Diffusers on random weights",
+                              description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.set_defaults(func=bench_main)
+    add = p.add_argument
+    add("--model", choices=["t2v-A14B", "tiny"], default="t2v-A14B", help="tiny: a CPU-sized test model")
+    add("--sizes", type=_sizes, help="WxH,... (default: 832x480,1280x720 for A14B, 64x48 for tiny)")
+    add("--frames", type=int, help="frames, 4n+1 (default: the preset's, 81)")
+    add("--what", type=_names(WHATS), default=list(WHATS), help=f"any of {','.join(WHATS)} (default: all)")
+    add("--steps", type=int, help="steps of the measured generation (default: the preset's, 40)")
+    add("--composed-steps", type=int, default=40, help="steps of the composed estimate (default 40)")
+    add("--compare", type=_names(ENGINES), default=["default"],
+        help=f"engine settings to time, any of {','.join(ENGINES)}: each ladder rung adds one switch to the "
+        "rungs before it (eager: all off); default: EngineSettings() (default: default)")  # fmt: skip
+    add("--peer", choices=["auto", "diffusers", "none"], default="auto",
+        help="auto (default): Diffusers where importable, loudly skipped where not")  # fmt: skip
+    add("--repeats", type=int, default=2, help="measured calls / steps; the median is reported (default 2)")
+    add("--warmup", type=int, default=1,
+        help="warm-up calls / steps (default 1); > 0 also runs a 2-step warm-up generation")  # fmt: skip
+    add("--gen-repeats", type=int, default=1, help="measured generations per engine and size (default 1)")
+    add("--device", help="default: cuda if available, else cpu")
+    add("--dtype", help="DiT and text-encoder dtype (default: bf16 on GPU, fp32 on CPU)")
+    add("--vae-dtype", help="VAE dtype of both implementations (default: --dtype)")
+    add("--attention", default="auto", help="wanfast's attention backend (default: auto)")
+    add("--seed", type=int, default=0)
+    add("--check", action="store_true", help="relative error of each engine's final latents vs eager")
+    add("--check-tol", type=float, default=2e-2, help="--check exits 1 above this (default 2e-2)")
+    add("--json", type=Path, default=Path("wanfast-bench.json"), help="default: wanfast-bench.json")
+    add("--png", type=Path, default=Path("wanfast-bench.png"), help="default: wanfast-bench.png")
+    return p
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """Runs the bench; prints the table, writes the JSON and the PNG. Exit 1 if a --check fails."""
+    report = run_bench(args)
+    print(format_table(report), flush=True)
+    report["png_error"] = write_png(report, args.png)
+    report["png"] = None if report["png_error"] else str(args.png)
+    if report["png_error"]:
+        print(f"wanfast bench: NO PNG WRITTEN: {report['png_error']}", file=sys.stderr)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json}" + (f" and {args.png}" if report["png"] else ""))
+    return 0 if all(c["ok"] for c in report["checks"]) else 1

@@ -1,0 +1,385 @@
+"""The two implementations ``wanfast bench`` times side by side, and the clock it times them with.
+
+``WanfastSide`` builds wanfast's models with random weights under one ``EngineSettings`` (optimised by
+``wanfast.accel``); ``DiffusersSide`` builds the same work through ``WanTransformer3DModel``,
+``AutoencoderKLWan`` and ``diffusers.WanPipeline``, also random and built directly on the device. Both have
+the same methods, so ``wanfast.bench`` measures them with the same code. Diffusers is imported only
+inside ``DiffusersSide`` and its helpers, only when the peer is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wanfast import synthetic
+from wanfast.config import ConfigError, EngineSettings, ModelPreset, SamplingParams
+from wanfast.loading import dit_keys, vae_keys
+from wanfast.pipeline import denoise
+from wanfast.synthetic import random_text_encoder, randomize_
+
+Loop = Callable[[int, Callable[[], None]], None]  # loop(n steps, called after each step)
+
+
+def _accel(module: str = "wanfast.accel"):
+    """``wanfast.accel`` (or a submodule), loudly: an engine timed without its settings applied would be
+    reported under a name it did not earn."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("wanfast.accel"):
+            raise
+        raise ConfigError(f"{e.name} is not importable: the bench cannot apply engine settings") from e
+
+
+class Clock:
+    """Host-side timing of device work: CUDA events after a sync on CUDA, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+
+    def resident(self) -> int | None:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+    def once(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.sync()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+    def sample(self, fn: Callable[[], object], warmup: int, repeats: int) -> dict:
+        """Median of ``repeats`` calls after ``warmup``; peak memory over the measured calls."""
+        resident = self.resident()
+        warm = [self.once(fn) for _ in range(warmup)]
+        self.reset_peak()
+        times = [self.once(fn) for _ in range(repeats)]
+        return _timed(times, warm, self.peak(), resident)
+
+    def steps(self, loop: Loop, warmup: int, repeats: int) -> dict:
+        """Per-step times of one real denoising loop of warmup + repeats steps, stamped after every step
+        (one sync per step: negligible against seconds-long steps, and the same for every engine)."""
+        resident = self.resident()
+        stamps = [self.now()]
+
+        def on_step() -> None:
+            stamps.append(self.now())
+            if len(stamps) == warmup + 1:
+                self.reset_peak()
+
+        if warmup == 0:
+            self.reset_peak()
+        loop(warmup + repeats, on_step)
+        times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+        return _timed(times[warmup:], times[:warmup], self.peak(), resident)
+
+
+def _timed(times: list[float], warm: list[float], peak: int | None, resident: int | None) -> dict:
+    return {"seconds": statistics.median(times), "times_s": times, "warmup_times_s": warm,
+            "peak_memory_bytes": peak, "resident_bytes": resident}  # fmt: skip
+
+
+@dataclass
+class Inputs:
+    """One size's inputs, shared by every engine so all time the same work."""
+
+    x: torch.Tensor  # [1, C, F', H/8, W/8] float32 noisy latents
+    t: torch.Tensor  # [1] timestep
+    ctx: torch.Tensor  # [L, text_dim] prompt states
+    ctx_null: torch.Tensor  # [L', text_dim] negative-prompt states
+    z: torch.Tensor  # [1, C, F', H/8, W/8] normalised latents for the VAE decode
+
+
+def make_inputs(
+    preset: ModelPreset, params: SamplingParams, device: torch.device, dtype: torch.dtype
+) -> Inputs:
+    g = torch.Generator(device).manual_seed(params.seed)
+    shape = (1, *params.latent_shape(preset.vae))
+    n, d = preset.dit.text_len, preset.dit.text_dim
+
+    def states(length: int) -> torch.Tensor:  # real prompts are ~20 tokens, the negative one ~120
+        return (0.1 * torch.randn(min(length, n), d, generator=g, device=device)).to(dtype)
+
+    x = torch.randn(shape, generator=g, device=device)
+    t = torch.full((1,), 999.0, device=device)
+    return Inputs(x, t, states(24), states(128), torch.randn(shape, generator=g, device=device))
+
+
+class _Side:
+    """What both implementations are built from. Seed offsets follow ``random_pipeline``'s."""
+
+    def __init__(
+        self, preset: ModelPreset, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype, seed: int
+    ) -> None:
+        self.preset, self.device, self.seed = preset, device, seed
+        self.dtype, self.vae_dtype = dtype, vae_dtype
+        self.text_len = preset.dit.text_len
+
+
+class WanfastSide(_Side):
+    """Builds and runs wanfast's models (random weights) under one engine setting at a time."""
+
+    impl = "wanfast"
+
+    def build_dit(self, settings: EngineSettings) -> nn.Module:
+        dit = synthetic.random_dit(self.preset, self.device, self.dtype, self.seed + 1)
+        return _accel().optimize_dit(dit, settings)
+
+    def forward(self, dit, inp: Inputs) -> Callable[[], object]:
+        return lambda: dit(inp.x, inp.t, [inp.ctx])
+
+    def steps(self, dit, inp: Inputs, params: SamplingParams) -> Loop:
+        """The pipeline's own denoising loop with one expert in both roles (the experts are the same size)."""
+
+        def loop(n: int, on_step: Callable[[], None]) -> None:
+            denoise({"high_noise": dit, "low_noise": dit}, inp.x[0], [inp.ctx], [inp.ctx_null],
+                    params.with_(steps=n), progress=lambda *_: on_step())  # fmt: skip
+
+        return loop
+
+    def build_text(self):
+        return random_text_encoder(self.preset, self.device, self.dtype, self.seed + 3)
+
+    def text(self, te, prompt: str, negative: str) -> Callable[[], object]:
+        return lambda: te.encode([prompt, negative])
+
+    def build_vae(self, settings: EngineSettings) -> nn.Module:
+        vae = synthetic.random_vae(self.preset, self.device, self.vae_dtype, self.seed + 4)
+        return _accel("wanfast.accel.vae").optimize_vae(vae, settings)
+
+    def vae(self, vae, inp: Inputs) -> Callable[[], object]:
+        return lambda: vae.decode(inp.z.to(self.vae_dtype))
+
+    def build_pipeline(self, settings: EngineSettings):
+        args = (self.preset, str(self.device), self.dtype, self.vae_dtype, self.seed)
+        pipe = synthetic.random_pipeline(*args, settings=settings)  # optimised by accel with ``settings``
+        if pipe.settings != settings:
+            raise RuntimeError(f"random_pipeline ran {pipe.settings}, not the engine's {settings}")
+        # A no-op where the pipeline's own optimisation already did it.
+        pipe.vae = _accel("wanfast.accel.vae").optimize_vae(pipe.vae, settings)
+        return pipe
+
+    def generate(self, pipe, params: SamplingParams, clock: Clock) -> dict:
+        stamps: list[float] = []
+        res = pipe.run(params, progress=lambda *_: stamps.append(clock.now()))
+        t = res.timings
+        between = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+        steps = [t["denoise"] - sum(between), *between]  # no stamp before step 1: the rest of the stage
+        return {"seconds": t["total"], "peak_memory_bytes": res.peak_memory_bytes, "step_times_s": steps,
+                "stages_s": {k: t[k] for k in ("text_encoding", "denoise", "vae_decode")},
+                "steps_per_expert": res.steps_per_expert, "latents": res.latents}  # fmt: skip
+
+
+def version() -> str | None:
+    """Diffusers' version, or None where it is not importable."""
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    return diffusers.__version__
+
+
+def _init_kwargs(cls: type, config: dict) -> dict:
+    """The keys of a config.json dict that ``cls.__init__`` takes (drops _class_name, text_len, ...)."""
+    names = set(inspect.signature(cls.__init__).parameters)
+    return {k: v for k, v in config.items() if k in names}
+
+
+def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Per-parameter dtype as Diffusers' ``from_pretrained(torch_dtype=dtype)`` leaves it: parameters under a
+    module named in ``_keep_in_fp32_modules`` stay float32, the rest take ``dtype``; buffers keep the dtype
+    they were built in. Timing the peer in any other precision would not be timing what users run."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in model.named_parameters():
+        target = torch.float32 if any(m in name.split(".") for m in keep) else dtype
+        p.data = p.data.to(target)
+    return model.eval().requires_grad_(False)
+
+
+def random_transformer(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """``WanTransformer3DModel`` at ``preset``'s dimensions, built on meta and materialised on ``device``."""
+    from diffusers import WanTransformer3DModel
+
+    config = _init_kwargs(WanTransformer3DModel, dit_keys.diffusers_config_json(preset.dit))
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(config)
+    # Dtypes are set on meta, so a 14B expert is materialised once, in them (never as a 57 GB fp32 copy).
+    model = _cast_like_from_pretrained(model, dtype).to_empty(device=device)
+    # to_empty leaves buffers uninitialised, and the RoPE tables are buffers computed at construction.
+    # They do not depend on the depth, so a 0-layer twin built on the device supplies them cheaply.
+    with torch.device(device):
+        twin = WanTransformer3DModel.from_config({**config, "num_layers": 0})
+    buffers = dict(twin.named_buffers())
+    if set(buffers) != {n for n, _ in model.named_buffers()}:
+        raise RuntimeError(
+            "WanTransformer3DModel has buffers outside its 0-layer twin; cannot materialise it"
+        )
+    for name, buf in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
+    return randomize_(model, seed)
+
+
+def random_vae(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """``AutoencoderKLWan`` (~127M parameters: small enough to build on the device directly)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device(device):
+        vae = AutoencoderKLWan.from_config(
+            _init_kwargs(AutoencoderKLWan, vae_keys.diffusers_config_json(preset.vae))
+        )
+    randomize_(vae, seed)
+    return _cast_like_from_pretrained(vae, dtype)
+
+
+def make_pipeline(preset: ModelPreset, text_encoder=None, transformer=None, transformer_2=None, vae=None):
+    """``diffusers.WanPipeline`` with the official UniPC flow schedule (shift from the preset)."""
+    import diffusers
+
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=preset.defaults.shift,
+        num_train_timesteps=1000,
+    )  # fmt: skip
+    pipe = diffusers.WanPipeline(
+        tokenizer=None if text_encoder is None else text_encoder.tokenizer,
+        text_encoder=None if text_encoder is None else text_encoder.model,
+        vae=vae, scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
+        boundary_ratio=preset.defaults.boundary if transformer_2 is not None else None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pad_text(ctx: torch.Tensor, text_len: int) -> torch.Tensor:
+    """[L, D] -> [1, text_len, D] zero-padded, as Diffusers' pipeline hands prompt embeddings over."""
+    return torch.cat([ctx, ctx.new_zeros(text_len - ctx.shape[0], ctx.shape[1])])[None]
+
+
+class DiffusersSide(_Side):
+    """Builds and runs the Diffusers models; ``wanfast.bench`` times them."""
+
+    impl = "diffusers"
+
+    def settings(self) -> dict:
+        return {"dtype": str(self.dtype), "vae_dtype": str(self.vae_dtype), "attention": "Diffusers default",
+                "diffusers": version()}  # fmt: skip
+
+    # one DiT forward / denoising steps ----------------------------------------------------------------
+    def build_dit(self, settings=None) -> nn.Module:
+        return random_transformer(self.preset, self.device, self.dtype, self.seed + 1)
+
+    def forward(self, model: nn.Module, inp: Inputs) -> Callable[[], object]:
+        x, ctx = inp.x.to(self.dtype), pad_text(inp.ctx, self.text_len)
+        return lambda: model(hidden_states=x, timestep=inp.t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    def steps(self, model: nn.Module, inp: Inputs, params: SamplingParams) -> Loop:
+        """Diffusers' own denoising loop (both guidance passes, CFG, UniPC step) on one expert, no VAE."""
+        pipe = make_pipeline(self.preset, transformer=model)
+        ctx, ctx_null = pad_text(inp.ctx, self.text_len), pad_text(inp.ctx_null, self.text_len)
+
+        def loop(n: int, on_step: Callable[[], None]) -> None:
+            pipe(
+                prompt_embeds=ctx, negative_prompt_embeds=ctx_null, height=params.height, width=params.width,
+                num_frames=params.frames, num_inference_steps=n, guidance_scale=params.guidance_high_noise,
+                latents=inp.x, output_type="latent", callback_on_step_end=lambda *_: on_step() or {},
+            )  # fmt: skip
+
+        return loop
+
+    # text encoding: the same UMT5 model as wanfast's, through Diffusers' encode_prompt --------------------
+    def build_text(self):
+        te = random_text_encoder(self.preset, self.device, self.dtype, self.seed + 3)
+        return make_pipeline(self.preset, text_encoder=te)
+
+    def text(self, pipe, prompt: str, negative: str) -> Callable[[], object]:
+        return lambda: pipe.encode_prompt(prompt, negative, do_classifier_free_guidance=True,
+                                          max_sequence_length=self.text_len, device=self.device)  # fmt: skip
+
+    # VAE decode -----------------------------------------------------------------------------------------
+    def build_vae(self, settings=None) -> nn.Module:
+        return random_vae(self.preset, self.device, self.vae_dtype, self.seed + 4)
+
+    def vae(self, vae: nn.Module, inp: Inputs) -> Callable[[], object]:
+        cfg = self.preset.vae
+        mean = torch.tensor(cfg.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=self.device).view(1, -1, 1, 1, 1)
+        z = (inp.z * std + mean).to(self.vae_dtype)  # Diffusers' decode takes un-normalised latents
+        return lambda: vae.decode(z, return_dict=False)[0]
+
+    # whole generation -----------------------------------------------------------------------------------
+    def build_pipeline(self, settings=None):
+        te = random_text_encoder(self.preset, self.device, self.dtype, self.seed + 3)
+        return make_pipeline(
+            self.preset, text_encoder=te,
+            transformer=random_transformer(self.preset, self.device, self.dtype, self.seed + 1),
+            transformer_2=random_transformer(self.preset, self.device, self.dtype, self.seed + 2),
+            vae=random_vae(self.preset, self.device, self.vae_dtype, self.seed + 4),
+        )  # fmt: skip
+
+    def generate(self, pipe, params: SamplingParams, clock: Clock) -> dict:
+        """One ``pipe(...)`` call, timed as a whole and per stage: ``encode_prompt`` and ``vae.decode`` are
+        wrapped for the call, steps are stamped from ``callback_on_step_end`` (one sync per step)."""
+        stages: dict[str, float] = {}
+        stamps: list[float] = []
+
+        def timed(name: str, fn: Callable) -> Callable:
+            def wrapper(*args, **kwargs):
+                t0 = clock.now()
+                out = fn(*args, **kwargs)
+                end = clock.now()
+                stages[name] = end - t0
+                if name == "text_encoding":
+                    stamps.append(end)  # the denoising loop starts here
+                return out
+
+            return wrapper
+
+        pipe.register_to_config(boundary_ratio=params.boundary)
+        pipe.encode_prompt = timed("text_encoding", pipe.encode_prompt)
+        pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
+        clock.reset_peak()
+        try:
+            t0 = clock.now()
+            pipe(
+                prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,
+                width=params.width, num_frames=params.frames, num_inference_steps=params.steps,
+                guidance_scale=params.guidance_high_noise, guidance_scale_2=params.guidance_low_noise,
+                generator=torch.Generator(self.device).manual_seed(params.seed), output_type="np",
+                max_sequence_length=self.text_len,
+                callback_on_step_end=lambda *_: stamps.append(clock.now()) or {},
+            )  # fmt: skip
+            total = clock.now() - t0
+        finally:
+            del pipe.encode_prompt, pipe.vae.decode
+        steps = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+        stages["denoise"] = sum(steps)
+        return {"seconds": total, "stages_s": stages, "step_times_s": steps, "peak_memory_bytes": clock.peak(),
+                "latents": None}  # fmt: skip

@@ -1,0 +1,278 @@
+"""The web process: FastAPI routes over the job store. It never loads a model; the worker does.
+
+Routes (all but ``/health`` need the API key when one is set): ``POST /v1/videos``, ``GET /v1/videos``,
+``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/events`` (server-sent events), ``GET /v1/videos/{id}/content``,
+``DELETE /v1/videos/{id}``, ``GET /metrics``, ``GET /health``, the page at ``/`` and the docs at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from wanfast.config import SamplingDefaults
+from wanfast.server.jobs import STATES, TERMINAL, JobStore, QueueFull
+from wanfast.server.page import PAGE
+from wanfast.server.schemas import Health, VideoJob, VideoList, VideoRequest, validate_request
+
+EVENT_POLL_SECONDS = 0.2
+KEEPALIVE_SECONDS = 15.0
+HEARTBEAT_STALE_SECONDS = 10.0
+
+
+@dataclass
+class ServerSettings:
+    results_dir: Path
+    defaults: SamplingDefaults  # the model preset's, for validation before a job is queued
+    queue_size: int = 16
+    api_key: str | None = None
+    max_prompt_chars: int = 2000
+    max_body_bytes: int = 64 * 1024
+    worker_alive: Callable[[], bool] = lambda: True
+
+
+def _json_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key (except ``/health``), then the body size limit.
+
+    Keys are accepted as ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or as the password of HTTP Basic
+    authentication, which lets a browser open the page (it asks once, then sends it on every request)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key", b"")
+        scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer":
+            given = value.strip()
+        elif scheme.lower() == b"basic":
+            try:
+                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except binascii.Error:
+                return False
+        return hmac.compare_digest(given, self.api_key.encode())  # bytes, constant time
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"] != "/health" and not self._authorized(headers):
+            msg = "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            challenge = {"WWW-Authenticate": 'Basic realm="wanfast", charset="UTF-8"'}
+            return await _json_error(401, msg, challenge)(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_large = _json_error(413, f"request body larger than {self.max_body} bytes")
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body:  # uvicorn has refused malformed ones
+            return await too_large(scope, receive, send)
+        # read the body here, bounded, whatever Content-Length claimed (or chunked encoding), then replay it
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body:
+                return await too_large(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
+
+
+def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(
+        title="wanfast",
+        version="0.1.0",
+        description="Wan2.2 text-to-video jobs. When the server has an API key, send it as "
+        "`Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but `/health`.",
+    )
+    rejected = {"queue_full": 0}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(exc), "errors": exc.errors()}, status_code=422)
+
+    def job_or_404(job_id: str):
+        try:
+            canonical = str(uuid.UUID(job_id))  # ids are server-made UUIDs; nothing else reaches a path
+        except ValueError:
+            raise HTTPException(404, f"no video job {job_id!r}") from None
+        job = store.get(canonical)
+        if job is None:
+            raise HTTPException(404, f"no video job {job_id!r}")
+        return job
+
+    def view(job) -> VideoJob:
+        return VideoJob.of(job, store.queue_position(job))
+
+    @app.post("/v1/videos", status_code=202, response_model=VideoJob, tags=["videos"])
+    def submit(
+        req: VideoRequest,
+        idempotency_key: str | None = Header(None, max_length=200, description="retry-safe submission"),
+    ) -> VideoJob:
+        """Queue a video. 202 with the job; 429 when the queue is full; 422 for invalid parameters.
+        A repeated ``Idempotency-Key`` returns the job it first created instead of a new one."""
+        try:
+            request, params = validate_request(req, settings.defaults, settings.max_prompt_chars)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        try:
+            job, _ = store.submit(request, settings.queue_size, idempotency_key, steps=params.steps)
+        except QueueFull as e:
+            rejected["queue_full"] += 1
+            raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
+        return view(job)
+
+    @app.get("/v1/videos", response_model=VideoList, tags=["videos"])
+    def list_videos(
+        state: str | None = Query(None, pattern="^(" + "|".join(STATES) + ")$"),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> VideoList:
+        """Jobs, newest first."""
+        jobs, total = store.list(state, limit, offset)
+        return VideoList(data=[view(j) for j in jobs], total=total)
+
+    @app.get("/v1/videos/{job_id}", response_model=VideoJob, tags=["videos"])
+    def get_video(job_id: str) -> VideoJob:
+        """State, progress (step i of N, ETA), timings and error of one job."""
+        return view(job_or_404(job_id))
+
+    @app.delete("/v1/videos/{job_id}", response_model=VideoJob, tags=["videos"])
+    def cancel_video(job_id: str) -> VideoJob:
+        """Cancel a queued job now, or stop a running one after its current step (``cancel_requested``
+        until the worker does). 409 for a job that has already ended."""
+        job = job_or_404(job_id)
+        if job.state in TERMINAL:
+            raise HTTPException(409, f"job {job.id} has already ended: {job.state}")
+        return view(store.cancel(job.id))
+
+    @app.get("/v1/videos/{job_id}/content", tags=["videos"], response_class=FileResponse)
+    def content(job_id: str) -> FileResponse:
+        """The MP4 (H.264) of a succeeded job; 409 while it has none."""
+        job = job_or_404(job_id)
+        if job.state != "succeeded":
+            raise HTTPException(409, f"job {job.id} is {job.state}; only a succeeded job has a video")
+        path = settings.results_dir / f"{job.id}.mp4"
+        if not path.is_file():
+            raise HTTPException(410, f"the video of job {job.id} has been removed from the server")
+        return FileResponse(
+            path, media_type="video/mp4", filename=path.name, content_disposition_type="inline"
+        )
+
+    @app.get("/v1/videos/{job_id}/events", tags=["videos"], response_class=StreamingResponse)
+    async def events(job_id: str) -> StreamingResponse:
+        """Server-sent events: a ``progress`` event with the job whenever it changes, then one ``done``
+        event when it ends."""
+        job = await anyio.to_thread.run_sync(job_or_404, job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            last, quiet_since = None, time.monotonic()
+            while True:
+                current = await anyio.to_thread.run_sync(store.get, job.id)
+                if current.updated_at != last:
+                    last, quiet_since = current.updated_at, time.monotonic()
+                    data = (await anyio.to_thread.run_sync(view, current)).model_dump_json()
+                    kind = "done" if current.state in TERMINAL else "progress"
+                    yield f"event: {kind}\ndata: {data}\n\n"
+                    if kind == "done":
+                        return
+                elif time.monotonic() - quiet_since > KEEPALIVE_SECONDS:
+                    quiet_since = time.monotonic()
+                    yield ": keep-alive\n\n"  # a comment line: keeps proxies from closing an idle stream
+                await asyncio.sleep(EVENT_POLL_SECONDS)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    def worker_health() -> Health:
+        w = store.worker_status()
+        fresh = w["heartbeat_at"] is not None and time.time() - w["heartbeat_at"] < HEARTBEAT_STALE_SECONDS
+        state = w["state"] if settings.worker_alive() else "stopped"
+        if state in ("ready", "busy") and fresh:
+            return Health(status="ok", worker=state)
+        status = "starting" if state in ("starting", "loading") else "degraded"
+        return Health(status=status, worker=state, detail=w["detail"] if state == "failed" else None)
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health() -> JSONResponse:
+        """200 when the worker has its model loaded; 503 while it starts or if it is down. No key needed."""
+        h = worker_health()
+        return JSONResponse(h.model_dump(), status_code=200 if h.status == "ok" else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+    def metrics() -> PlainTextResponse:
+        """Prometheus text format."""
+        counts, w = store.counts(), store.worker_status()
+        step_sum, step_count, last_step = store.step_stats()
+        lines = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+            lines.extend(f"{name}{labels} {value:.10g}" for labels, value in samples)
+
+        metric("wanfast_queue_depth", "gauge", "Jobs waiting in the queue.", [("", counts["queued"])])
+        metric("wanfast_queue_capacity", "gauge", "Most jobs the queue holds.", [("", settings.queue_size)])
+        metric("wanfast_jobs", "gauge", "Jobs by state.", [(f'{{state="{s}"}}', counts[s]) for s in STATES])
+        metric("wanfast_rejected_total", "counter", "Submissions refused since start, by reason.",
+               [('{reason="queue_full"}', rejected["queue_full"])])  # fmt: skip
+        metric("wanfast_step_seconds", "summary", "Denoising step time of ended jobs.",
+               [("_sum", step_sum), ("_count", step_count)])  # fmt: skip
+        metric(
+            "wanfast_last_step_seconds", "gauge", "Mean step time of the latest job.", [("", last_step or 0)]
+        )
+        metric("wanfast_worker_up", "gauge", "1 when the worker has its model loaded.",
+               [("", worker_health().status == "ok")])  # fmt: skip
+        metric("wanfast_worker_restarts_total", "counter", "Worker processes that died and were replaced.",
+               [("", w["restarts"])])  # fmt: skip
+        for key, help_ in (("allocated", "held by tensors"), ("reserved", "held by the caching allocator"),
+                           ("total", "of the device")):  # fmt: skip
+            value = w[f"memory_{key}"] or 0  # 0 on a CPU worker
+            metric(f"wanfast_gpu_memory_{key}_bytes", "gauge", f"GPU memory {help_}.", [("", value)])
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.replace("__DEFAULTS__", json.dumps(_page_defaults(settings.defaults))))
+
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def _page_defaults(d: SamplingDefaults) -> dict:
+    return {"size": f"{d.size[0]}x{d.size[1]}", "frames": d.frames, "steps": d.steps}

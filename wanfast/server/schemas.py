@@ -1,0 +1,119 @@
+"""Request and response models of the HTTP API.
+
+Two layers of validation: pydantic checks types and coarse ranges (and caps what one request may cost),
+then ``SamplingParams`` applies the domain rules (sizes multiple of 16, frames 4n+1, ...), the same code
+the CLI and ``WanPipeline.params`` use, so the server and the CLI accept exactly the same requests.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from wanfast.config import SOLVERS, SamplingDefaults, SamplingParams
+from wanfast.server.jobs import Job
+
+MAX_SIDE = 4096  # pixels per side: a larger request cannot fit a GPU, refuse it before it queues
+
+
+class VideoRequest(BaseModel):
+    """Sampling parameters, named as the ``wanfast generate`` options. Omitted ones take the model's
+    defaults (for a checkpoint, its own expert boundary)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="the text prompt")
+    negative_prompt: str | None = Field(None, description="default: the official negative prompt")
+    size: str | None = Field(
+        None, pattern=r"^\d{1,5}x\d{1,5}$", description="WIDTHxHEIGHT", examples=["1280x720"]
+    )
+    frames: int | None = Field(None, ge=1, le=1001, description="frame count, 4n+1")
+    steps: int | None = Field(None, ge=1, le=1000, description="sampling steps")
+    seed: int = Field(0, ge=0, lt=2**63)
+    solver: Literal[SOLVERS] | None = None  # type: ignore[valid-type]
+    shift: float | None = Field(None, gt=0, le=1000)
+    guidance_high_noise: float | None = Field(None, ge=0, le=100)
+    guidance_low_noise: float | None = Field(None, ge=0, le=100)
+    boundary: float | None = Field(None, ge=0, le=1, description="expert switch, fraction of 1000")
+    fps: int | None = Field(None, ge=1, le=120, description="frame rate of the MP4")
+
+
+def validate_request(
+    req: VideoRequest, defaults: SamplingDefaults, max_prompt_chars: int
+) -> tuple[dict, SamplingParams]:
+    """The job's stored request (only what the client set) and the parameters it gives with these
+    defaults. Raises ValueError (ConfigError) with a message for the client."""
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is not None and len(text) > max_prompt_chars:
+            raise ValueError(
+                f"{name} has {len(text)} characters; this server accepts at most {max_prompt_chars}"
+            )
+    stored = req.model_dump(exclude_none=True)
+    if req.size is not None:
+        w, h = (int(v) for v in req.size.split("x"))
+        if max(w, h) > MAX_SIDE:
+            raise ValueError(f"size {req.size} is too large; at most {MAX_SIDE} pixels per side")
+        stored["size"] = [w, h]
+    overrides = {k: v for k, v in stored.items() if k not in ("prompt", "size", "fps")}
+    if req.negative_prompt == "":
+        overrides["negative_prompt"] = None  # empty means the default, as in WanPipeline.params
+    if req.size is not None:
+        overrides["width"], overrides["height"] = stored["size"]
+    return stored, SamplingParams.from_defaults(defaults, req.prompt, **overrides)  # the shared rules
+
+
+class Progress(BaseModel):
+    step: int = Field(description="denoising steps done")
+    steps: int | None = Field(description="denoising steps in all (known once the job starts)")
+    fraction: float
+    expert: str | None = Field(description="the expert of the latest step: high_noise or low_noise")
+    step_seconds: float | None = Field(description="mean seconds per step so far")
+    eta_seconds: float | None = Field(description="remaining denoising time (VAE decode not included)")
+
+
+class VideoJob(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: float = Field(description="Unix time")
+    started_at: float | None
+    finished_at: float | None
+    queue_position: int | None = Field(description="0: next to run; null unless queued")
+    progress: Progress
+    request: dict = Field(description="the parameters as submitted")
+    params: dict | None = Field(description="the parameters the worker ran, defaults filled in")
+    timings: dict | None = Field(description="seconds per stage")
+    peak_memory_bytes: int | None
+    attempts: int = Field(description="times a worker started this job (restarts re-queue it)")
+    cancel_requested: bool
+    error: str | None
+    note: str | None = Field(description="what a restart did to this job, if anything")
+    content_url: str | None
+
+    @classmethod
+    def of(cls, job: Job, queue_position: int | None = None) -> VideoJob:
+        done = job.step if job.state != "succeeded" else (job.steps or job.step)
+        return cls(
+            **{k: getattr(job, k) for k in ("id", "state", "created_at", "started_at", "finished_at", "request",
+                                            "params", "timings", "peak_memory_bytes", "attempts",
+                                            "cancel_requested", "error", "note")},
+            queue_position=queue_position,
+            progress=Progress(
+                step=done, steps=job.steps, fraction=done / job.steps if job.steps else 0.0, expert=job.expert,
+                step_seconds=job.step_seconds, eta_seconds=job.eta_seconds,
+            ),
+            content_url=f"/v1/videos/{job.id}/content" if job.state == "succeeded" else None,
+        )  # fmt: skip
+
+
+class VideoList(BaseModel):
+    data: list[VideoJob]
+    total: int = Field(description="jobs matching the filter, all pages")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "starting", "degraded"]
+    worker: str = Field(description="starting, loading, ready, busy, failed or stopped")
+    detail: str | None = None

@@ -1,0 +1,149 @@
+"""A real ``wanfast serve`` process on a free loopback port, for tests and demos.
+
+Every wait here is bounded in time; the server only ever binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_job(client, job_id: str, until, timeout: float = 60.0) -> dict:
+    """Poll ``GET /v1/videos/{id}`` until ``until(job)`` holds; returns that job."""
+
+    def check():
+        job = client.get(f"/v1/videos/{job_id}").raise_for_status().json()
+        return job if until(job) else None
+
+    return wait_for(check, timeout, f"job {job_id} to reach the expected state", interval=0.1)
+
+
+def wait_final(client, job_id: str, timeout: float = 60.0) -> dict:
+    return wait_job(client, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"), timeout)
+
+
+def burst(server: ServerProcess, body: dict, n: int = 50) -> list:
+    """``n`` submissions at once (one connection each); returns the responses."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> list:
+        headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30, limits=limits) as c:
+            return await asyncio.gather(*(c.post("/v1/videos", json=body) for _ in range(n)))
+
+    return asyncio.run(run())
+
+
+class ServerProcess:
+    """``python -m wanfast serve --model tiny`` with its output in ``<data_dir>/server-<n>.log``."""
+
+    def __init__(self, data_dir: str | Path, *extra_args: str, api_key: str | None = None) -> None:
+        self.data_dir, self.extra_args, self.api_key = Path(data_dir), extra_args, api_key
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = self.data_dir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        """Start and wait until ``/health`` says the worker has its model loaded."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "WANFAST_API_KEY"}
+        if self.api_key is not None:
+            env["WANFAST_API_KEY"] = self.api_key  # by environment: a key on the command line shows in ps
+        runs = len(list(self.data_dir.glob("server*.log")))
+        self.log_path = self.data_dir / f"server-{runs}.log"
+        with open(self.log_path, "wb") as log:
+            cmd = [sys.executable, "-m", "wanfast", "serve", "--model", "tiny", "--host", HOST]
+            cmd += ["--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args]
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_for(self._ready, timeout, f"the server to be ready (log: {self.log_path})", interval=0.2)
+        return self
+
+    def _ready(self) -> bool:
+        import httpx
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def client(self, **kwargs):
+        """An ``httpx.Client`` for this server, sending the API key if there is one."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kwargs.pop("timeout", 15), **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        """Live worker processes started for this data directory (by any server run)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                stat = (entry / "stat").read_text()
+            except (OSError, ValueError):
+                continue  # not a process, or gone meanwhile
+            zombie = stat.rpartition(")")[2].split()[0] == "Z"
+            if b"wanfast.server.worker" in cmdline and str(self.data_dir.resolve()).encode() in b" ".join(
+                cmdline
+            ):
+                if not zombie:
+                    pids.append(int(entry.name))
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL: no handler, no cleanup; the worker must notice on its own."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
