@@ -143,8 +143,11 @@ def _bcs(t: torch.Tensor) -> tuple[torch.Tensor, bool, int] | None:
 def _norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor) -> None:
     xs = _bcs(x) or _bcs(x.contiguous())  # an odd view: make it dense first
     ys = _bcs(out)
-    if ys is None:
-        raise ValueError(f"cannot write into a tensor with strides {out.stride()}")
+    if ys is None:  # an output layout the kernel cannot address: write densely, then copy once
+        dense = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        _norm_silu_triton(x, gamma, scale, dense)
+        out.copy_(dense)
+        return
     (xv, x_cl, sx), (yv, y_cl, sy) = xs, ys
     b, c, s = xv.shape
     block_c = triton.next_power_of_2(c)  # 96 -> 128, 192 -> 256, 384 -> 512
@@ -157,7 +160,10 @@ def _norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: t
 def norm_silu(norm: RMSNorm, x: torch.Tensor, impl: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU(norm(x)) in one pass, written into ``out`` (default: a new tensor like x). The Triton and
     compiled versions run on CUDA only; elsewhere the eager one."""
-    out = torch.empty_like(x) if out is None else out
+    # empty_like keeps channels-last [B, C, T, H, W] (a [B, C, S] view); other layouts are made dense
+    if out is None:
+        cl = x.is_contiguous(memory_format=torch.channels_last_3d)
+        out = torch.empty_like(x, memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
     if x.is_cuda and impl == "triton" and triton is not None:
         _norm_silu_triton(x, norm.gamma, norm.scale, out)
     elif x.is_cuda and impl == "compile":
