@@ -111,3 +111,37 @@ def test_python_dash_m_entry_point(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 0 and "total" in proc.stdout and "denoising" in proc.stderr  # progress bar
+
+
+def test_optimisation_switches_map_to_engine_settings():
+    from wanfast.cli import build_parser, engine_settings
+
+    def settings(*flags):
+        args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", *flags])
+        return engine_settings(args, "cpu", torch.float32, torch.float32)
+
+    default = settings()
+    assert (
+        default.fuse_projections
+        and default.cache_cross_kv
+        and default.optimize_vae
+        and not default.cuda_graphs
+    )
+    assert default.compile is None  # on where it pays (CUDA)
+    assert settings("--plain") == default.plain()
+    s = settings(
+        "--no-compile", "--no-fuse", "--no-cache", "--no-vae-opt", "--cuda-graphs", "--attention", "sdpa"
+    )
+    assert (s.compile, s.fuse_projections, s.cache_cross_kv, s.cache_rope, s.optimize_vae) == (False,) * 5
+    assert s.cuda_graphs and s.attention_backend == "sdpa"
+
+
+def test_plain_and_optimised_generate_the_same_latents(tmp_path):
+    paths = []
+    for flags in ([], ["--plain"]):
+        lat = tmp_path / f"{len(flags)}.safetensors"
+        argv = ["generate", "--model", "tiny", "--prompt", "a cat", "--output", str(tmp_path / "v.mp4")]
+        assert main([*argv, "--save-latents", str(lat), "--no-progress", *flags]) == 0
+        paths.append(load_file(lat)["latents"])
+    rel = (paths[0] - paths[1]).norm() / paths[1].norm()
+    assert rel < 1e-5, rel  # fp32 on CPU: fused/cached/optimised-VAE paths are exact rewrites

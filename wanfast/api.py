@@ -59,13 +59,14 @@ def tiny_pipeline(
     dtype: torch.dtype | str = torch.float32,
     seed: int = 0,
     workdir: str | os.PathLike | None = None,
+    settings: EngineSettings | None = None,
 ) -> WanPipeline:
     """A small random-weight pipeline (the ``tiny`` preset), built by writing a tiny official-layout
-    checkpoint and loading it through the same code as a real one."""
+    checkpoint and loading it through the same code as a real one. ``settings`` as for ``load_pipeline``."""
     from wanfast.testing import write_official_checkpoint
 
     folder = workdir or tempfile.mkdtemp(prefix="wanfast-tiny-")
     write_official_checkpoint(folder, PRESETS["tiny"], seed=seed)
-    pipe = load_pipeline(folder, device=device, dtype=dtype, vae_dtype=dtype)
+    pipe = load_pipeline(folder, device=device, dtype=dtype, vae_dtype=dtype, settings=settings)
     pipe.defaults = PRESETS["tiny"].defaults
     return pipe

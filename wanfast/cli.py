@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from wanfast.config import PRESETS, SOLVERS, ConfigError, SamplingParams, parse_dtype
+from wanfast.config import PRESETS, SOLVERS, ConfigError, EngineSettings, SamplingParams, parse_dtype
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -53,6 +54,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-dtype", default="fp32", help="VAE dtype (default fp32, as official)")
     p.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep UMT5 off the GPU")
     p.add_argument("--attention", default="auto", help="attention backend (default: fastest available)")
+    opt = p.add_argument_group("optimisations (lossless; each on by default where it pays)")
+    opt.add_argument("--plain", action="store_true", help="turn every optimisation off: the eager reference")
+    opt.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
+    opt.add_argument("--no-fuse", action="store_true", help="separate Q/K/V (and K/V) projections")
+    opt.add_argument("--no-cache", action="store_true", help="no cross-attention K/V and RoPE caches")
+    opt.add_argument("--no-vae-opt", action="store_true", help="the plain VAE decode")
+    opt.add_argument("--cuda-graphs", action="store_true", help="capture the DiT forward in CUDA graphs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -111,6 +119,28 @@ def _summary(result, fps: int, output: Path) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> EngineSettings:
+    """The per-process settings from the command line: every optimisation switch has a flag."""
+    settings = EngineSettings(
+        device=device,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        text_encoder_device=args.text_encoder_device,
+        attention_backend=args.attention,
+    )
+    if args.plain:
+        return settings.plain()
+    return replace(
+        settings,
+        compile=False if args.no_compile else settings.compile,
+        fuse_projections=not args.no_fuse,
+        cache_cross_kv=not args.no_cache,
+        cache_rope=not args.no_cache,
+        optimize_vae=not args.no_vae_opt,
+        cuda_graphs=args.cuda_graphs,
+    )
+
+
 def generate(args: argparse.Namespace) -> int:
     preset = PRESETS["tiny" if args.model == "tiny" else "t2v-A14B"]
     params = _params(args, preset.defaults)  # validates every request field before any weights load
@@ -128,14 +158,14 @@ def generate(args: argparse.Namespace) -> int:
     from wanfast.api import load_pipeline, tiny_pipeline
     from wanfast.video import write_mp4
 
-    backend = attention.set_backend(args.attention, device)
-    print(f"attention backend: {backend}", file=sys.stderr)
+    settings = engine_settings(args, device, dtype, vae_dtype)
     if args.model == "tiny":
-        pipe = tiny_pipeline(device=device, dtype=dtype)
+        pipe = tiny_pipeline(device=device, dtype=dtype, settings=replace(settings, vae_dtype=dtype))
     else:
-        pipe = load_pipeline(args.ckpt_dir, device, dtype, vae_dtype, args.text_encoder_device)
+        pipe = load_pipeline(args.ckpt_dir, settings=settings)
         if args.boundary is None and pipe.defaults.boundary != params.boundary:
             params = params.with_(boundary=pipe.defaults.boundary)  # the checkpoint's own boundary
+    print(f"attention backend: {attention.active_backend()}", file=sys.stderr)
 
     bar = None
     if not args.no_progress:
