@@ -21,9 +21,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 def sdpa(backend):
     def fn(q, k, v):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
-                1, 2
-            )
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
 
     return fn
 
@@ -70,17 +70,27 @@ def main() -> None:
     name, fn = fa3()
     if fn is not None:
         backends[f"fa3 ({name})"] = fn
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     for L in (32760, 75600):
         g = torch.Generator("cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, L, 40, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        q, k, v = (
+            torch.randn(1, L, 40, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)
+        )
         flops = 4 * L * L * 128 * 40
         ref = backends["sdpa-cudnn"](q, k, v).float()
         for bname, f in backends.items():
             try:
                 ms = bench(f, q, k, v)
                 err = ((f(q, k, v).float() - ref).norm() / ref.norm()).item()
-                res[f"{bname}@{L}"] = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1), "rel_err": err}
+                res[f"{bname}@{L}"] = {
+                    "ms": round(ms, 2),
+                    "tflops": round(flops / ms / 1e9, 1),
+                    "rel_err": err,
+                }
             except Exception as e:
                 res[f"{bname}@{L}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
             print(bname, L, res[f"{bname}@{L}"], flush=True)

@@ -16,6 +16,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from helpers import randomize, rel_err
 
 from wanfast.accel.vae import FastWanVAE, VAEDecodeOptions, optimize_vae
 from wanfast.config import PRESETS, EngineSettings, VAEConfig
@@ -31,24 +32,6 @@ OPTIONS = {
     "no_fusion": dict(fused_norm=None, prealloc_output=False),
     "all_off": asdict(VAEDecodeOptions.off()),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random gains and biases too, so a dropped norm gain or bias shows up."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(p * (1 + 0.1 * torch.randn(p.shape, generator=g)))
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+from helpers import randomize, rel_err
 
 from wanfast.config import PRESETS, ConfigError, VAEConfig
 from wanfast.loading import vae_keys
@@ -19,24 +20,6 @@ AutoencoderKLWan = diffusers.AutoencoderKLWan
 # Default dim_mult / temporal_downsample: every layer type runs (shortcut convs, attention in the middle
 # blocks, downsample2d/3d, upsample3d/2d).
 CFG = VAEConfig(dim=8, num_res_blocks=1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random gains and biases too, so a swapped or dropped norm/bias shows up."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(p * (1 + 0.1 * torch.randn(p.shape, generator=g)))
-    return model.eval()
 
 
 def diffusers_vae(cfg: VAEConfig) -> AutoencoderKLWan:

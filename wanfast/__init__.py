@@ -1,27 +1,39 @@
-"""wanfast: fast inference for the Wan2.2 text-to-video models."""
+"""wanfast: fast inference for the Wan2.2 text-to-video models.
 
-from wanfast.api import load_pipeline, tiny_pipeline
-from wanfast.config import PRESETS, ConfigError, DiTConfig, EngineSettings, SamplingParams, VAEConfig
-from wanfast.loading.checkpoint import CheckpointError
-from wanfast.loading.layout import detect_layout, load_text_encoder, load_transformer, load_vae
-from wanfast.pipeline import GenerationResult, WanPipeline
+The public names load on first use (PEP 562), so ``import wanfast`` and the CLI's argument checks do not
+pay for torch model code and transformers before they need them.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS",
-    "CheckpointError",
-    "ConfigError",
-    "DiTConfig",
-    "EngineSettings",
-    "GenerationResult",
-    "SamplingParams",
-    "VAEConfig",
-    "WanPipeline",
-    "detect_layout",
-    "load_pipeline",
-    "load_text_encoder",
-    "load_transformer",
-    "load_vae",
-    "tiny_pipeline",
-]
+_EXPORTS = {
+    "load_pipeline": "wanfast.api",
+    "tiny_pipeline": "wanfast.api",
+    "PRESETS": "wanfast.config",
+    "ConfigError": "wanfast.config",
+    "DiTConfig": "wanfast.config",
+    "EngineSettings": "wanfast.config",
+    "SamplingParams": "wanfast.config",
+    "VAEConfig": "wanfast.config",
+    "CheckpointError": "wanfast.loading.checkpoint",
+    "detect_layout": "wanfast.loading.layout",
+    "load_text_encoder": "wanfast.loading.layout",
+    "load_transformer": "wanfast.loading.layout",
+    "load_vae": "wanfast.loading.layout",
+    "GenerationResult": "wanfast.pipeline",
+    "WanPipeline": "wanfast.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'wanfast' has no attribute {name!r}")

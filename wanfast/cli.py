@@ -21,12 +21,17 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """--ckpt-dir or --model tiny: where the models come from (generate, serve)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt-dir", type=Path, help="Wan2.2-T2V-A14B folder (official or Diffusers layout)")
+    src.add_argument("--model", choices=["tiny"], help="'tiny': small random-weight model (CPU tests, demos)")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a video from a prompt")
     p.set_defaults(func=generate)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt-dir", type=Path, help="Wan2.2-T2V-A14B folder (official or Diffusers layout)")
-    src.add_argument("--model", choices=["tiny"], help="'tiny': small random-weight model built in memory")
+    add_model_source(p)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="the text prompt")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")

@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from wanfast.cli import add_model_source
 from wanfast.config import PRESETS, ConfigError
 
 log = logging.getLogger("wanfast.server")
@@ -19,9 +20,7 @@ log = logging.getLogger("wanfast.server")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the HTTP service (see docs/server.md)")
     p.set_defaults(func=serve_main)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt-dir", type=Path, help="Wan2.2-T2V-A14B folder (official or Diffusers layout)")
-    src.add_argument("--model", choices=["tiny"], help="'tiny': small random-weight model (CPU tests, demos)")
+    add_model_source(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
