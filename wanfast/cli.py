@@ -66,6 +66,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--no-cache", action="store_true", help="no cross-attention K/V and RoPE caches")
     opt.add_argument("--no-vae-opt", action="store_true", help="the plain VAE decode")
     opt.add_argument("--cuda-graphs", action="store_true", help="capture the DiT forward in CUDA graphs")
+    p.add_argument("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linear layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -132,6 +133,7 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
         vae_dtype=vae_dtype,
         text_encoder_device=args.text_encoder_device,
         attention_backend=args.attention,
+        quant=args.quant,
     )
     if args.plain:
         return settings.plain()

@@ -298,6 +298,9 @@ class EngineSettings:
     compile: bool | None = None  # regional torch.compile of each DiT block; None: on for CUDA
     cuda_graphs: bool = False  # capture the DiT forward in a CUDA graph (off unless measured to pay)
     optimize_vae: bool = True  # VAE decode layout/algorithm choices from accel.vae (measured)
+    quant: str | None = None  # lossy, opt-in: "fp8" = FP8 e4m3 DiT linears (accel.fp8)
+    cfg_parallel: bool = False  # multi-GPU: cond / uncond passes on two rank groups (parallel/)
+    ulysses: int = 1  # multi-GPU: sequence-parallel degree inside a group (parallel/)
 
     def plain(self) -> EngineSettings:
         return replace(
