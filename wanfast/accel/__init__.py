@@ -3,13 +3,16 @@
 ``optimize_dit(dit, settings)`` applies, in this order, each behind its ``EngineSettings`` switch:
 
 1. ``fuse_projections``: one QKV GEMM per self-attention, one KV GEMM per cross-attention (``fuse.py``);
-2. ``cache_rope``: RoPE tables once per (grid, device) (``caches.py``);
-3. ``cache_cross_kv``: text embedding and per-block cross-attention K/V once per (expert, prompt), and the
+2. ``quantize_dit_``: only when ``settings.quant == "fp8"`` (lossy, opt-in): the block Linears, fused ones
+   included, become FP8 e4m3 per ``fp8.DEFAULT_POLICY`` (``fp8.py``); after fusion so the fused QKV / KV
+   weights are what is quantised, before compile so the traced graphs hold the FP8 GEMMs;
+3. ``cache_rope``: RoPE tables once per (grid, device) (``caches.py``);
+4. ``cache_cross_kv``: text embedding and per-block cross-attention K/V once per (expert, prompt), and the
    time embedding once per step (the CFG pair shares it) (``caches.py``);
-4. ``compile``: regional torch.compile of every block, fullgraph, static shapes (``compile.py``);
+5. ``compile``: regional torch.compile of every block, fullgraph, static shapes (``compile.py``);
    ``None`` means on for CUDA only;
-5. ``cuda_graphs``: the whole forward captured per input signature (``graphs.py``); CUDA only. The
-   caches of 2-3 cannot live inside a graph (a capture bakes in what a lookup returned), so the graph
+6. ``cuda_graphs``: the whole forward captured per input signature (``graphs.py``); CUDA only. The
+   caches of 3-4 cannot live inside a graph (a capture bakes in what a lookup returned), so the graph
    wrapper disables them and replays their work as kernels; this is logged.
 
 Fusion must come before the caches (the cross-K/V pre-hook calls whichever ``cross_attn.kv`` the block
@@ -30,6 +33,7 @@ from torch import nn
 from wanfast import attention
 from wanfast.accel.caches import cache_cross_kv, cache_rope, cache_time_embedding, caches_of
 from wanfast.accel.compile import compile_blocks
+from wanfast.accel.fp8 import apply_quant
 from wanfast.accel.fuse import fuse_projections
 from wanfast.accel.graphs import CUDAGraphDiT
 from wanfast.config import EngineSettings
@@ -60,6 +64,8 @@ def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str 
     applied = []
     if settings.fuse_projections:
         applied.append(f"fuse_projections ({fuse_projections(dit)} blocks)")
+    if settings.quant is not None:
+        applied.append(f"quant {settings.quant} ({apply_quant(dit, settings.quant)} linears)")
     if settings.cache_rope:
         cache_rope(dit)
         applied.append("cache_rope")

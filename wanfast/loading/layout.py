@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from wanfast.config import DiTConfig
-from wanfast.loading import dit_keys, vae_keys
+from wanfast.loading import dit_keys, fp8_checkpoint, vae_keys
 from wanfast.loading.checkpoint import (
     CheckpointError,
     load_module,
@@ -105,6 +105,8 @@ def load_transformer(
     path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16
 ) -> WanDiT:
     """One DiT expert from an official expert folder or a Diffusers ``transformer*/`` folder."""
+    if fp8_checkpoint.is_fp8_checkpoint(path):  # written by `wanfast quantize`
+        return fp8_checkpoint.load_fp8_transformer(path, device, dtype)
     cfg, kind = dit_config(path)
     files = safetensors_files(path, DIT_WEIGHTS)
     sd = read_safetensors(files)
