@@ -145,3 +145,12 @@ def test_plain_and_optimised_generate_the_same_latents(tmp_path):
         paths.append(load_file(lat)["latents"])
     rel = (paths[0] - paths[1]).norm() / paths[1].norm()
     assert rel < 1e-5, rel  # fp32 on CPU: fused/cached/optimised-VAE paths are exact rewrites
+
+
+def test_a_split_that_does_not_fit_the_launch_fails_before_loading(no_loading, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--cfg-parallel"]) == 2
+    assert "cfg (2) x ulysses (1) = 2 processes; launch with torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--ulysses", "3"]) == 2
+    assert "must divide the DiT's 4 attention heads" in capsys.readouterr().err

@@ -36,9 +36,15 @@ def load_pipeline(
     ``dtype`` is the DiT and text-encoder weight dtype; the VAE runs in ``vae_dtype`` (float32 by
     default, as the official pipeline); ``text_encoder_device`` defaults to ``device``. ``settings``,
     when given, holds all of these (and the ``wanfast.accel`` switches) and replaces those four arguments.
-    The experts are optimised by ``wanfast.accel.optimize_pipeline`` per the settings.
+    The experts are optimised by ``wanfast.accel.optimize_pipeline`` per the settings, then split over the
+    ranks by ``wanfast.parallel.parallelize`` when ``settings.cfg_parallel`` or ``settings.ulysses > 1``.
     """
     settings = settings or _settings(device, dtype, vae_dtype, text_encoder_device)
+    split = settings.cfg_parallel or settings.ulysses > 1  # multi-process: wanfast.parallel applies it
+    if split:
+        from wanfast.parallel import parallel_settings
+
+        settings = parallel_settings(settings)
     layout = detect_layout(ckpt_dir)  # checks that every component is present before reading weights
     te_device = settings.text_encoder_device or settings.device
     high = load_transformer(layout.high_noise, settings.device, settings.dtype)
@@ -51,7 +57,12 @@ def load_pipeline(
     defaults = PRESETS["t2v-A14B"].defaults
     if layout.boundary is not None:
         defaults = replace(defaults, boundary=float(layout.boundary))
-    return optimize_pipeline(WanPipeline(text_encoder, high, low, vae, defaults, settings))
+    pipe = optimize_pipeline(WanPipeline(text_encoder, high, low, vae, defaults, settings))
+    if split:
+        from wanfast.parallel import parallelize
+
+        parallelize(pipe)
+    return pipe
 
 
 def tiny_pipeline(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +69,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--cuda-graphs", action="store_true", help="capture the DiT forward in CUDA graphs")
     p.add_argument("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linear layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    par = p.add_argument_group("multi-GPU (launch with torchrun --nproc-per-node N; N = 2 x K or K)")
+    par.add_argument("--cfg-parallel", action="store_true", help="cond / uncond passes on two rank groups")
+    par.add_argument("--ulysses", type=int, default=1, metavar="K", help="sequence-parallel degree (1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    from wanfast import bench
+    from wanfast import bench, compare, quantize
     from wanfast.server import cli as server_cli
 
     bench.register(sub)
+    quantize.register(sub)
+    compare.register(sub)
     server_cli.register(sub)
     return parser
 
@@ -134,6 +140,8 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
         text_encoder_device=args.text_encoder_device,
         attention_backend=args.attention,
         quant=args.quant,
+        cfg_parallel=args.cfg_parallel,
+        ulysses=args.ulysses,
     )
     if args.plain:
         return settings.plain()
@@ -151,15 +159,26 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
 def generate(args: argparse.Namespace) -> int:
     preset = PRESETS["tiny" if args.model == "tiny" else "t2v-A14B"]
     params = _params(args, preset.defaults)  # validates every request field before any weights load
+    num_heads = preset.dit.num_heads
+    if args.ckpt_dir is not None:
+        from wanfast.loading.layout import detect_layout, dit_config
+
+        layout = detect_layout(args.ckpt_dir)  # fails fast on a wrong or incomplete folder
+        num_heads = dit_config(layout.high_noise)[0].num_heads  # config.json only, no weights
+    if args.cfg_parallel or args.ulysses != 1:
+        from wanfast.parallel.dist import check_split
+
+        check_split(args.cfg_parallel, args.ulysses, int(os.environ.get("WORLD_SIZE", "1")), num_heads)
+    from wanfast.parallel import init_distributed
+
+    rank, local_rank = init_distributed()  # torchrun: join the group (no-op in a plain run)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and torch.distributed.is_initialized():
+        device = f"cuda:{local_rank}"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     dtype = parse_dtype(args.dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
     vae_dtype = parse_dtype(args.vae_dtype)
-    if args.ckpt_dir is not None:
-        from wanfast.loading.layout import detect_layout
-
-        detect_layout(args.ckpt_dir)  # fails fast on a wrong or incomplete folder
 
     from wanfast import attention
     from wanfast.api import load_pipeline, tiny_pipeline
@@ -172,10 +191,11 @@ def generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.ckpt_dir, settings=settings)
         if args.boundary is None and pipe.defaults.boundary != params.boundary:
             params = params.with_(boundary=pipe.defaults.boundary)  # the checkpoint's own boundary
-    print(f"attention backend: {attention.active_backend()}", file=sys.stderr)
+    if rank == 0:
+        print(f"attention backend: {attention.active_backend()}", file=sys.stderr)
 
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=params.steps, desc="denoising", unit="step", file=sys.stderr)
@@ -189,6 +209,8 @@ def generate(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     fps = args.fps or preset.defaults.fps
+    if rank != 0:  # every rank holds the same result; only rank 0 writes
+        return 0
     write_mp4(result.frames, args.output, fps=fps)
     if args.save_latents is not None:
         from safetensors.torch import save_file
@@ -209,3 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"wanfast: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():  # a torchrun launch: leave the group cleanly
+            torch.distributed.destroy_process_group()

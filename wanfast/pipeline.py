@@ -37,6 +37,15 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: fl
     return uncond + scale * (cond - uncond)
 
 
+def guided_prediction(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, context, context_null, scale: float
+) -> torch.Tensor:
+    """One step's guided prediction of x [1, C, F', H', W']; a scale of 1.0 runs the conditional pass alone.
+    ``wanfast.parallel`` replaces it by the CFG-parallel version (``ParallelRuntime.predict``)."""
+    pred = model(x, t, context)
+    return pred if scale == 1.0 else classifier_free_guidance(pred, model(x, t, context_null), scale)
+
+
 def denoise(
     experts: dict[str, nn.Module],
     noise: torch.Tensor,
@@ -45,6 +54,7 @@ def denoise(
     params: SamplingParams,
     progress: ProgressFn | None = None,
     on_expert: Callable[[str], None] | None = None,
+    predict: Callable[..., torch.Tensor] = guided_prediction,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """The sampling loop. noise [C, F', H', W'] float32 -> final latents, and steps run per expert.
 
@@ -64,9 +74,7 @@ def denoise(
         if on_expert is not None and counts[name] == 0:
             on_expert(name)
         t_in = torch.full((1,), float(t), device=x.device)
-        pred = model(x[None], t_in, context)[0]
-        if scale != 1.0:
-            pred = classifier_free_guidance(pred, model(x[None], t_in, context_null)[0], scale)
+        pred = predict(model, x[None], t_in, context, context_null, scale)[0]
         x, state = solver.step(state, i, pred, x)
         counts[name] += 1
         if progress is not None:
@@ -117,6 +125,7 @@ class WanPipeline:
         self.defaults = defaults
         self.settings = settings
         self.device = torch.device(settings.device)
+        self.parallel = None  # a wanfast.parallel.ParallelRuntime when the run is split over ranks
 
     def params(self, prompt: str, **overrides: object) -> SamplingParams:
         """Validated sampling parameters: the preset's defaults, then the non-None overrides.
@@ -158,7 +167,11 @@ class WanPipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start = time.perf_counter()
         with timer.stage("text_encoding"):
-            context, context_null = self.text_encoder.encode([params.prompt, params.negative_prompt])
+            prompts, par = [params.prompt, params.negative_prompt], self.parallel
+            if par:  # split runs: encoded once, on rank 0, and broadcast
+                context, context_null = par.encode(self.text_encoder, prompts, self.device)
+            else:
+                context, context_null = self.text_encoder.encode(prompts)
             context, context_null = context.to(self.device), context_null.to(self.device)
 
         generator = torch.Generator(self.device).manual_seed(params.seed)
@@ -174,14 +187,16 @@ class WanPipeline:
 
         with timer.stage("denoise"):
             latents, counts = denoise(
-                self.experts, noise, [context], [context_null], params, progress, on_expert
-            )
+                self.experts, noise, [context], [context_null], params, progress, on_expert,
+                par.predict if par else guided_prediction,
+            )  # fmt: skip
         edges = [s[1] for s in stamps] + [time.perf_counter()]
         for (name, _), a, b in zip(stamps, edges[:-1], edges[1:], strict=True):
             timer.timings[f"denoise_{name}"] = b - a
         with timer.stage("vae_decode"):
             vae_dtype = next(self.vae.parameters()).dtype
-            video = self.vae.decode(latents[None].to(vae_dtype))[0]
+            z = latents[None].to(vae_dtype)
+            video = (par.decode(self.vae, z) if par else self.vae.decode(z))[0]  # split: tiles over ranks
             frames = to_uint8_frames(video)
         timings = dict(timer.timings)
         timings["total"] = time.perf_counter() - t_start

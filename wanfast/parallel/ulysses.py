@@ -1,0 +1,135 @@
+"""Ulysses sequence parallelism as a declared split/gather plan installed onto a built ``WanDiT``.
+
+The plan (N = group size, L = f*h*w tokens, Lp = L rounded up to a multiple of N, l = Lp / N):
+
+==========================  ===================================  ==============================================
+where                       tensor                               what happens
+==========================  ===================================  ==============================================
+``patch_embedding`` output  [B, C, f, h, w] -> tokens [B, C, L]  padded to Lp, split: this rank keeps l tokens
+``dit.rope(grid, device)``  cos, sin [L, D/2]                    padded and split the same way -> [l, D/2]
+self-attention core         q, k, v [B, l, H, D]                 all-to-all -> [B, Lp, H/N, D]; k, v cut to L
+                                                                 (padded keys removed), attention, all-to-all
+                                                                 back -> [B, l, H, D]
+``head`` output             [B, l, prod(patch)*out_dim]          all-gathered -> [B, Lp, ...], cut to L
+everything else             (time/text embeddings, modulation,   replicated or token-local: no communication
+                            cross-attention, FFN)
+==========================  ===================================  ==============================================
+
+The model's own forward runs unchanged: the splits are forward hooks, RoPE is an instance attribute over
+``dit.rope`` (as ``wanfast.accel``'s cache), and the all-to-all wraps the active attention backend for the
+duration of each self-attention module's call (cross-attention calls pass straight through). Gathering
+after the head moves prod(patch)*out_dim = 64 channels per token instead of dim = 5120.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wanfast import attention
+
+_PREFIX = "ulysses+"
+_ACTIVE: list[
+    UlyssesPlan
+] = []  # the plan whose self-attention is running (a stack: never nested in practice)
+
+
+class UlyssesPlan:
+    def __init__(self, group: dist.ProcessGroup, num_heads: int) -> None:
+        self.group = group
+        self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if num_heads % self.n:
+            raise ValueError(f"{num_heads} attention heads do not split over ulysses degree {self.n}")
+        self.seq_len = 0  # L of the forward in progress, set by the patch-embedding hook
+
+    def padded(self, length: int) -> int:
+        return -(-length // self.n) * self.n
+
+    def shard(self, x: Tensor, dim: int) -> Tensor:
+        """Pad ``x`` along ``dim`` from L to Lp (zeros at the end) and keep this rank's l = Lp/N slice."""
+        length = x.shape[dim]
+        pad = self.padded(length) - length
+        if pad:
+            widths = [0, 0] * (x.ndim - 1 - dim % x.ndim) + [0, pad]
+            x = F.pad(x, widths)
+        return x.chunk(self.n, dim)[self.rank]
+
+    # --- the split / gather points ---------------------------------------------------------------
+    def split_tokens(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        # out [B, C, f, h, w] -> [B, C, l, 1, 1]: the model's flatten(2).transpose(1, 2) gives [B, l, C]
+        tokens = out.flatten(2)
+        self.seq_len = tokens.shape[2]
+        return self.shard(tokens, 2)[..., None, None]
+
+    def split_rope(self, rope_fn):
+        def rope(grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+            cos, sin = rope_fn(grid, device)  # [L, D/2] each
+            return self.shard(cos, 0), self.shard(sin, 0)
+
+        return rope
+
+    def gather_tokens(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        # out [B, l, P] -> [B, L, P]: every rank gets the whole prediction (unpatchify needs the full grid)
+        parts = [torch.empty_like(out) for _ in range(self.n)]
+        dist.all_gather(parts, out.contiguous(), group=self.group)
+        return torch.cat(parts, 1)[:, : self.seq_len]
+
+    # --- self-attention: tokens <-> heads -----------------------------------------------------------
+    def to_heads(self, x: Tensor) -> Tensor:
+        # [B, l, H, D] -> [B, Lp, H/N, D]: send head group j to rank j, receive every rank's tokens
+        b, ln, h, d = x.shape
+        send = x.unflatten(2, (self.n, h // self.n)).movedim(2, 0).contiguous()  # [N, B, l, H/N, D]
+        recv = torch.empty_like(send)  # recv[j] = rank j's tokens, my heads
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.movedim(0, 1).reshape(b, self.n * ln, h // self.n, d)
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        # [B, Lp, H/N, D] -> [B, l, H, D]: the inverse of to_heads
+        b, lp, hn, d = x.shape
+        send = x.unflatten(1, (self.n, lp // self.n)).movedim(1, 0).contiguous()  # [N, B, l, H/N, D]
+        recv = torch.empty_like(send)  # recv[j] = my tokens, rank j's heads
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.permute(1, 2, 0, 3, 4).reshape(b, lp // self.n, self.n * hn, d)
+
+    def attend(self, inner, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = self.to_heads(q), self.to_heads(k), self.to_heads(v)
+        # Padded tokens sit at the end of the sequence: dropping them as keys is an exact key mask.
+        # Padded queries are computed and later discarded (gather_tokens cuts to L).
+        k, v = k[:, : self.seq_len], v[:, : self.seq_len]
+        return self.to_tokens(inner(q, k, v))
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        _install_backend(args[0].device)
+        _ACTIVE.append(self)
+
+    def leave(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        _ACTIVE.pop()
+
+
+def _install_backend(device: torch.device) -> None:
+    """Make the active attention backend the Ulysses-aware wrapper of itself (once per process; again if
+    something chose another backend since)."""
+    name = attention.active_backend() or attention.set_backend("auto", device)
+    if name.startswith(_PREFIX):
+        return
+    inner = attention._active[1]  # the built function of the chosen backend
+
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _ACTIVE[-1].attend(inner, q, k, v) if _ACTIVE else inner(q, k, v)
+
+    attention.register_backend(_PREFIX + name, lambda: fn, lambda: True)
+    attention.set_backend(_PREFIX + name)
+
+
+def apply_ulysses(dit: nn.Module, group: dist.ProcessGroup) -> UlyssesPlan:
+    """Install the plan onto a built (optionally ``wanfast.accel``-optimised, uncompiled) WanDiT."""
+    plan = UlyssesPlan(group, dit.cfg.num_heads)
+    dit.patch_embedding.register_forward_hook(plan.split_tokens)
+    dit.rope = plan.split_rope(dit.rope)  # wraps the RoPE cache when there is one
+    for block in dit.blocks:
+        block.self_attn.register_forward_pre_hook(plan.enter)
+        block.self_attn.register_forward_hook(plan.leave, always_call=True)
+    dit.head.register_forward_hook(plan.gather_tokens)
+    return plan
