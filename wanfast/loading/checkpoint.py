@@ -108,6 +108,27 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
         raise CheckpointError(f"unreadable {what} {path}: {e}") from e
 
 
+def check_state_dict(ref: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Strict: the same keys as the model built from the config (``ref``), each with its shape."""
+    missing, unexpected = sorted(ref.keys() - state_dict.keys()), sorted(state_dict.keys() - ref.keys())
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
+        raise CheckpointError(f"{what} does not match the model built from its config; " + "; ".join(parts))
+    for name, t in state_dict.items():
+        if tuple(t.shape) != tuple(ref[name].shape):
+            raise CheckpointError(
+                f"{what}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(ref[name].shape)}"
+            )
+
+
 def load_module(
     build: Callable[[], nn.Module],
     state_dict: dict[str, torch.Tensor],
@@ -124,27 +145,10 @@ def load_module(
     """
     with torch.device("meta"):
         model = build()
-    expected = set(model.state_dict().keys())
-    got = set(state_dict.keys())
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
-        raise CheckpointError(f"{what} does not match the model built from its config; " + "; ".join(parts))
     ref = model.state_dict()
+    check_state_dict(ref, state_dict, what)
     converted = {}
     for name, t in state_dict.items():
-        if tuple(t.shape) != tuple(ref[name].shape):
-            raise CheckpointError(
-                f"{what}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(ref[name].shape)}"
-            )
         target = (torch.float32 if keep_fp32(name) else dtype) if t.is_floating_point() else t.dtype
         converted[name] = t.to(device=device, dtype=target)
     model.load_state_dict(converted, strict=True, assign=True)

@@ -24,7 +24,13 @@ import torch
 from wanfast.accel.fp8 import FP8, FP8Linear, Policy
 from wanfast.accel.fuse import fuse_projections
 from wanfast.loading import dit_keys
-from wanfast.loading.checkpoint import CheckpointError, read_json, read_safetensors, safetensors_files
+from wanfast.loading.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    read_json,
+    read_safetensors,
+    safetensors_files,
+)
 from wanfast.models.dit import WanDiT
 
 MARKER = "wanfast_quantization"
@@ -88,18 +94,10 @@ def load_fp8_transformer(
         if sd[f"{name}.weight"].dtype != FP8:
             raise CheckpointError(f"{path}: {name}.weight has a scale but is {sd[f'{name}.weight'].dtype}")
         sd[f"{name}.qweight"] = sd.pop(f"{name}.weight")
-    expected, got = set(dit.state_dict()), set(sd)
-    if expected != got:
-        missing, unexpected = sorted(expected - got)[:8], sorted(got - expected)[:8]
-        raise CheckpointError(f"FP8 checkpoint {path} does not match its config: missing {missing}, "
-                              f"unexpected {unexpected}")  # fmt: skip
     ref = dit.state_dict()
+    check_state_dict(ref, sd, f"FP8 checkpoint {path}")
     converted = {}
     for name, t in sd.items():
-        if tuple(t.shape) != tuple(ref[name].shape):
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(t.shape)}, expected {tuple(ref[name].shape)}"
-            )
         keep = t.dtype == FP8 or name.endswith((".scale", "modulation")) or not t.is_floating_point()
         target = (torch.float32 if name.endswith("modulation") else t.dtype) if keep else dtype
         converted[name] = t.to(device=device, dtype=target)

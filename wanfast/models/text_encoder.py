@@ -18,7 +18,13 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from wanfast.config import TextEncoderConfig
-from wanfast.loading.checkpoint import CheckpointError, read_json, read_pth, safetensors_files
+from wanfast.loading.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    read_json,
+    read_pth,
+    safetensors_files,
+)
 from wanfast.loading.t5_keys import (
     config_from_hf,
     config_from_official_state_dict,
@@ -105,21 +111,10 @@ def build_text_encoder(
         model = UMT5EncoderModel(hf_config(cfg, attn_implementation))
     ref = model.state_dict()
     sd = tie_hf_embeddings(state_dict_hf)
-    missing, unexpected = sorted(ref.keys() - sd.keys()), sorted(sd.keys() - ref.keys())
-    if missing or unexpected:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-
-        parts = [f"{len(missing)} missing keys: {show(missing)}"] if missing else []
-        parts += [f"{len(unexpected)} unexpected keys: {show(unexpected)}"] if unexpected else []
-        raise CheckpointError("text encoder weights do not match UMT5EncoderModel; " + "; ".join(parts))
+    check_state_dict(ref, sd, "text encoder weights (UMT5EncoderModel)")
     converted: dict[int, torch.Tensor] = {}  # id(source) -> converted, so tied keys stay one tensor
     out = {}
     for name, t in sd.items():
-        if tuple(t.shape) != tuple(ref[name].shape):
-            raise CheckpointError(f"text encoder tensor {name} has shape {tuple(t.shape)}, "
-                                  f"the config implies {tuple(ref[name].shape)}")  # fmt: skip
         if id(t) not in converted:
             converted[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         out[name] = converted[id(t)]
