@@ -192,3 +192,26 @@ def test_bad_requests_fail_before_any_model_runs(pipes):
     finally:
         pipe.experts = real
     assert calls == []
+
+
+def test_guidance_truncation_equals_the_plain_path_before_the_cut():
+    from wanfast.config import SamplingParams
+
+    base = SamplingParams.from_defaults(PRESETS["tiny"].defaults, "x", steps=6, boundary=0.5)
+    noise = torch.randn(16, 2, 2, 2)
+    runs = {}
+    for k in (None, 3, 0):
+        calls = []
+        out, _ = denoise(
+            _fake_experts(calls), noise, [torch.ones(3, 2)], [torch.zeros(3, 2)], base.with_(cfg_steps=k)
+        )
+        runs[k] = (calls, out)
+    plain, cut, none = runs[None][0], runs[3][0], runs[0][0]
+    assert len(plain) == 12 and len(cut) == 3 * 2 + 3 and len(none) == 6  # two passes per guided step
+    # the same inputs through step 3 (steps 0-2 guided alike; step 3 starts from the same latents) ...
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain[:7], cut[:7], strict=True))
+    # ... and from there on one conditional pass per step, so the results part
+    assert all(torch.equal(c[3], torch.ones(3, 2)) for c in cut[6:])
+    assert not torch.equal(runs[None][1], runs[3][1])
+    with pytest.raises(ConfigError, match="cfg_steps"):
+        base.with_(cfg_steps=-1)

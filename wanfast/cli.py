@@ -50,6 +50,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--guidance-low-noise", type=float, default=None, help="CFG scale of the low-noise expert")
     p.add_argument("--boundary", type=float, default=None, help="expert switch, fraction of 1000 (0.875)")
+    p.add_argument("--cfg-steps", type=int, default=None, metavar="K",
+                   help="lossy: guidance for the first K steps only, one pass per step after (default: all)")  # fmt: skip
     p.add_argument("--fps", type=int, default=None, help="frame rate of the MP4 (default 16)")
     p.add_argument("--output", type=Path, default=Path("output.mp4"))
     p.add_argument(
@@ -102,7 +104,7 @@ def _params(args: argparse.Namespace, defaults) -> SamplingParams:
     overrides = dict(
         negative_prompt=args.negative_prompt or None, frames=args.frames, steps=args.steps, seed=args.seed,
         solver=args.solver, shift=args.shift, guidance_high_noise=args.guidance_high_noise,
-        guidance_low_noise=args.guidance_low_noise, boundary=args.boundary,
+        guidance_low_noise=args.guidance_low_noise, boundary=args.boundary, cfg_steps=args.cfg_steps,
     )  # fmt: skip
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size

@@ -207,6 +207,7 @@ class SamplingParams:
     guidance_high_noise: float = 4.0
     guidance_low_noise: float = 3.0
     boundary: float = 0.875
+    cfg_steps: int | None = None  # guidance truncation: CFG for the first K steps only (None: every step)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -227,6 +228,8 @@ class SamplingParams:
             raise ConfigError(f"boundary must be in [0, 1], got {self.boundary!r}")
         if self.guidance_high_noise < 0 or self.guidance_low_noise < 0:
             raise ConfigError("guidance scales must be >= 0")
+        if self.cfg_steps is not None and (not isinstance(self.cfg_steps, int) or self.cfg_steps < 0):
+            raise ConfigError(f"cfg_steps must be an integer >= 0 (or unset), got {self.cfg_steps!r}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed!r}")
 

@@ -59,7 +59,8 @@ def denoise(
     """The sampling loop. noise [C, F', H', W'] float32 -> final latents, and steps run per expert.
 
     ``experts`` maps "high_noise" and "low_noise" to DiTs called as ``dit(x [1, C, F', H', W'], t [1],
-    context)``. A guidance scale of 1.0 runs the conditional pass alone (uncond + 1 * (cond - uncond)).
+    context)``. A guidance scale of 1.0 runs the conditional pass alone (uncond + 1 * (cond - uncond)),
+    and so does every step from ``params.cfg_steps`` on (guidance truncation, lossy, opt-in).
     ``on_expert(name)`` runs before an expert's first step, ``progress`` after every step.
     """
     solver = make_solver(params.solver, params.steps, params.shift)
@@ -70,6 +71,8 @@ def denoise(
     for i, t in enumerate(timesteps):
         name = "high_noise" if t >= boundary else "low_noise"
         scale = params.guidance_high_noise if name == "high_noise" else params.guidance_low_noise
+        if params.cfg_steps is not None and i >= params.cfg_steps:
+            scale = 1.0  # guidance truncated: one conditional pass from here on
         model = experts[name]
         if on_expert is not None and counts[name] == 0:
             on_expert(name)
