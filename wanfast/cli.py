@@ -71,6 +71,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--cuda-graphs", action="store_true", help="capture the DiT forward in CUDA graphs")
     p.add_argument("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linear layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mem = p.add_argument_group("memory modes and LoRA")
+    mem.add_argument(
+        "--offload",
+        choices=["expert", "blocks"],
+        default=None,
+        help="expert: only the active expert on the GPU; blocks: DiT blocks streamed to the GPU",
+    )
+    mem.add_argument("--lora-high-noise", default=None, metavar="FILE", help="LoRA for the high-noise expert")
+    mem.add_argument("--lora-low-noise", default=None, metavar="FILE", help="LoRA for the low-noise expert")
+    mem.add_argument("--lora-strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
+    mem.add_argument("--lora-separate", action="store_true", help="keep LoRA unmerged (switchable)")
     par = p.add_argument_group("multi-GPU (launch with torchrun --nproc-per-node N; N = 2 x K or K)")
     par.add_argument("--cfg-parallel", action="store_true", help="cond / uncond passes on two rank groups")
     par.add_argument("--ulysses", type=int, default=1, metavar="K", help="sequence-parallel degree (1)")
@@ -144,6 +155,11 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
         quant=args.quant,
         cfg_parallel=args.cfg_parallel,
         ulysses=args.ulysses,
+        offload=args.offload,
+        lora_high_noise=args.lora_high_noise,
+        lora_low_noise=args.lora_low_noise,
+        lora_strength=args.lora_strength,
+        lora_merge=not args.lora_separate,
     )
     if args.plain:
         return settings.plain()

@@ -304,6 +304,11 @@ class EngineSettings:
     quant: str | None = None  # lossy, opt-in: "fp8" = FP8 e4m3 DiT linears (accel.fp8)
     cfg_parallel: bool = False  # multi-GPU: cond / uncond passes on two rank groups (parallel/)
     ulysses: int = 1  # multi-GPU: sequence-parallel degree inside a group (parallel/)
+    offload: str | None = None  # memory mode: "expert" (idle expert in pinned CPU memory) | "blocks"
+    lora_high_noise: str | None = None  # LoRA file for the high-noise expert (loading/lora.py)
+    lora_low_noise: str | None = None  # LoRA file for the low-noise expert
+    lora_strength: float = 1.0
+    lora_merge: bool = True  # merged into the weights (no runtime cost) or kept separate and switchable
 
     def plain(self) -> EngineSettings:
         return replace(
