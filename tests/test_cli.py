@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import wanfast.api
+import wanfast.config
+import wanfast.pipeline
 from wanfast.cli import main
 from wanfast.video import read_mp4
 
@@ -154,3 +156,53 @@ def test_a_split_that_does_not_fit_the_launch_fails_before_loading(no_loading, c
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--ulysses", "3"]) == 2
     assert "must divide the DiT's 4 attention heads" in capsys.readouterr().err
+
+
+def test_sampling_preset_then_explicit_flags():
+    from wanfast.cli import _params, build_parser
+
+    def params(*flags):
+        args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", *flags])
+        return _params(args, wanfast.config.PRESETS["tiny"].defaults)
+
+    p = params("--sampling-preset", "lightning-4step")
+    assert (p.steps, p.solver, p.shift, p.guidance_high_noise, p.guidance_low_noise) == (
+        4,
+        "euler",
+        5.0,
+        1.0,
+        1.0,
+    )
+    assert params("--sampling-preset", "lightning-4step", "--steps", "6").steps == 6
+    with pytest.raises(wanfast.config.ConfigError, match="unknown sampling preset"):
+        params("--sampling-preset", "nope")
+
+
+def test_missing_lora_file_fails_before_loading(no_loading, tmp_path, capsys):
+    argv = [
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "x",
+        "--lora-low-noise",
+        str(tmp_path / "none.safetensors"),
+    ]
+    assert main(argv) == 2
+    assert "LoRA file not found" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_mode_that_would_fit(monkeypatch, tmp_path, capsys):
+    def oom(self, params, progress=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(wanfast.pipeline.WanPipeline, "run", oom)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 60 * 2**30))
+    from wanfast.cli import out_of_memory_message
+
+    msg = out_of_memory_message(
+        wanfast.config.PRESETS["t2v-A14B"], wanfast.config.SamplingParams("x"), "cuda"
+    )
+    assert "--offload expert needs" in msg and "use --offload expert" in msg  # 60 GiB: expert mode fits
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2
+    assert "out of GPU memory" in capsys.readouterr().err

@@ -47,8 +47,18 @@ def load_pipeline(
         settings = parallel_settings(settings)
     layout = detect_layout(ckpt_dir)  # checks that every component is present before reading weights
     te_device = settings.text_encoder_device or settings.device
-    high = load_transformer(layout.high_noise, settings.device, settings.dtype)
-    low = load_transformer(layout.low_noise, settings.device, settings.dtype)
+    # With an offload mode the experts load into CPU memory; apply_offload then puts on the device only
+    # what that mode keeps there, so loading never needs both experts on the GPU at once.
+    expert_device = "cpu" if settings.offload else settings.device
+    high = load_transformer(layout.high_noise, expert_device, settings.dtype)
+    low = load_transformer(layout.low_noise, expert_device, settings.dtype)
+    if settings.lora_high_noise or settings.lora_low_noise:  # on the plain experts, before accel fuses q/k/v
+        from wanfast.loading.lora import apply_lora, check_lora_settings
+
+        check_lora_settings(settings)
+        for dit, path in ((high, settings.lora_high_noise), (low, settings.lora_low_noise)):
+            if path:
+                apply_lora(dit, path, settings.lora_strength, settings.lora_merge)
     text_len = high.cfg.text_len
     text_encoder = load_text_encoder(
         layout.text_encoder, layout.tokenizer, te_device, settings.dtype, text_len
@@ -62,6 +72,10 @@ def load_pipeline(
         from wanfast.parallel import parallelize
 
         parallelize(pipe)
+    if settings.offload:  # after accel: fusion / FP8 decide which weight tensors exist
+        from wanfast.accel.offload import apply_offload
+
+        apply_offload(pipe)
     return pipe
 
 

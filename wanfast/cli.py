@@ -82,6 +82,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--lora-low-noise", default=None, metavar="FILE", help="LoRA for the low-noise expert")
     mem.add_argument("--lora-strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
     mem.add_argument("--lora-separate", action="store_true", help="keep LoRA unmerged (switchable)")
+    mem.add_argument("--sampling-preset", default=None, metavar="NAME",
+                     help="sampling values a LoRA expects, e.g. lightning-4step (4 steps, guidance 1, euler)")  # fmt: skip
     par = p.add_argument_group("multi-GPU (launch with torchrun --nproc-per-node N; N = 2 x K or K)")
     par.add_argument("--cfg-parallel", action="store_true", help="cond / uncond passes on two rank groups")
     par.add_argument("--ulysses", type=int, default=1, metavar="K", help="sequence-parallel degree (1)")
@@ -119,6 +121,13 @@ def _params(args: argparse.Namespace, defaults) -> SamplingParams:
     )  # fmt: skip
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
+    if args.sampling_preset is not None:  # the preset's values, then every flag given explicitly
+        from wanfast.presets import sampling_overrides
+
+        overrides = {
+            **sampling_overrides(args.sampling_preset),
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
     return SamplingParams.from_defaults(defaults, _read_prompt(args), **overrides)
 
 
@@ -174,6 +183,20 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
     )
 
 
+def out_of_memory_message(source, params: SamplingParams, device: str) -> str:
+    """What a user reads after an out-of-memory error: the memory mode that would fit this request."""
+    from wanfast.accel.offload import MemoryBudgetError, choose_mode
+
+    # The card's total memory: after the failure, "free" mostly reflects our own resident weights.
+    free = torch.cuda.mem_get_info(torch.device(device))[1] if torch.device(device).type == "cuda" else 0
+    size = (params.width, params.height)
+    try:
+        mode = choose_mode(source, size, params.frames, free, requested=None)
+    except MemoryBudgetError as e:
+        return f"out of GPU memory: {e}"
+    return f"out of GPU memory, although the estimate fits ({mode or 'resident'}); try --offload blocks"
+
+
 def generate(args: argparse.Namespace) -> int:
     preset = PRESETS["tiny" if args.model == "tiny" else "t2v-A14B"]
     params = _params(args, preset.defaults)  # validates every request field before any weights load
@@ -183,6 +206,9 @@ def generate(args: argparse.Namespace) -> int:
 
         layout = detect_layout(args.ckpt_dir)  # fails fast on a wrong or incomplete folder
         num_heads = dit_config(layout.high_noise)[0].num_heads  # config.json only, no weights
+    for lora in (args.lora_high_noise, args.lora_low_noise):
+        if lora is not None and not Path(lora).is_file():
+            raise FileNotFoundError(f"LoRA file not found: {lora}")
     if args.cfg_parallel or args.ulysses != 1:
         from wanfast.parallel.dist import check_split
 
@@ -223,7 +249,10 @@ def generate(args: argparse.Namespace) -> int:
             bar.set_postfix_str(expert)
             bar.update(1)
 
-    result = pipe.run(params, progress)
+    try:
+        result = pipe.run(params, progress)
+    except torch.OutOfMemoryError as e:
+        raise ConfigError(out_of_memory_message(pipe, params, device)) from e
     if bar is not None:
         bar.close()
     fps = args.fps or preset.defaults.fps

@@ -100,4 +100,9 @@ def random_pipeline(
         preset.defaults,
         settings,
     )
-    return optimize_pipeline(pipe)
+    pipe = optimize_pipeline(pipe)
+    if settings.offload:
+        from wanfast.accel.offload import apply_offload
+
+        apply_offload(pipe)
+    return pipe

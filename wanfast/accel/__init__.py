@@ -16,8 +16,9 @@
    wrapper disables them and replays their work as kernels; this is logged.
 
 Fusion must come before the caches (the cross-K/V pre-hook calls whichever ``cross_attn.kv`` the block
-has) and compile before graphs (graphs capture the compiled kernels; warm-up compiles). Nothing moves
-weights: both experts stay resident on their device, as built.
+has) and compile before graphs (graphs capture the compiled kernels; warm-up compiles). Nothing here
+moves weights: both experts stay resident, as built, unless a memory mode (``accel.offload``, applied
+after all of this by ``load_pipeline``) streams them.
 
 ``optimize_pipeline(pipe)`` applies it to both experts with ``pipe.settings`` and chooses the attention
 backend; ``reset_caches(pipe)`` (called by ``WanPipeline.run`` at the start of each request) clears the

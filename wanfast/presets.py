@@ -1,0 +1,58 @@
+"""Sampling presets for distilled LoRAs: the values those LoRAs were distilled for.
+
+``lightning-4step``: the Wan2.2-Lightning T2V-A14B 4-step LoRAs (lightx2v, "Seko" V1 / V1.1, rank 64,
+one file per expert: ``high_noise_model.safetensors`` and ``low_noise_model.safetensors``). Sources: the
+lightx2v Wan2.2-Lightning repository, ``wan/configs/wan_t2v_A14B.py`` (its inference section) and
+``wan/text2video.py`` (its ``euler`` solver branch), and its README ("4 steps without the need of CFG").
+
+Known difference: Lightning's Euler scheduler shifts ``linspace(1, 0, steps + 1)``, i.e. the timesteps
+1000, 937.5, 833.3, 625 at shift 5; wanfast's ``euler`` solver uses the official UniPC base schedule
+(first sigma 0.999, see ``wanfast/solvers/schedule.py``), so its first timestep is ~999.8, not 1000. Both
+select the experts identically at boundary 0.875.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from wanfast.config import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingPreset:
+    """Overrides of ``SamplingParams`` (field names as there) that a distilled LoRA expects."""
+
+    name: str
+    steps: int
+    guidance_high_noise: float
+    guidance_low_noise: float
+    solver: str
+    shift: float
+    boundary: float
+    description: str = ""
+
+
+SAMPLING_PRESETS: dict[str, SamplingPreset] = {
+    "lightning-4step": SamplingPreset(
+        name="lightning-4step",
+        steps=4,  # wan_t2v_A14B.py: sample_steps = 4
+        guidance_high_noise=1.0,  # wan_t2v_A14B.py: sample_guide_scale = (1.0, 1.0): CFG off, one pass/step
+        guidance_low_noise=1.0,
+        solver="euler",  # text2video.py: the "euler" branch (flow-matching Euler), used with these LoRAs
+        shift=5.0,  # wan_t2v_A14B.py: sample_shift = 5.0 (base Wan2.2 T2V-A14B uses 12.0)
+        boundary=0.875,  # wan_t2v_A14B.py: boundary = 0.875 (as the base model)
+        description="Wan2.2-Lightning T2V-A14B 4-step LoRAs (lightx2v), one per expert",
+    ),
+}
+
+
+def sampling_overrides(name: str) -> dict[str, object]:
+    """Keyword overrides for ``SamplingParams.from_defaults(defaults, prompt, **overrides)``.
+    Explicit user values should be applied after these (``{**sampling_overrides(n), **user}``)."""
+    try:
+        preset = SAMPLING_PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown sampling preset {name!r}; choose one of {', '.join(SAMPLING_PRESETS)}"
+        ) from None
+    return {k: v for k, v in asdict(preset).items() if k not in ("name", "description")}
