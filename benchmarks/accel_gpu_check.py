@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 
 from wanfast import attention
-from wanfast.accel import optimize_dit
+from wanfast.accel import each_alone, optimize_dit
 from wanfast.accel.caches import cache_cross_kv, cache_rope, cache_time_embedding
 from wanfast.accel.compile import compile_blocks
 from wanfast.accel.fuse import fuse_projections
@@ -51,11 +51,7 @@ ATTN_BLHD = (1, 32760, 40, 128)  # 480p self-attention of A14B: 21*30*52 tokens,
 ALL = EngineSettings(device=DEV, dtype=BF16, compile=True)
 PLAIN = ALL.plain()
 ALONE = {
-    "fuse": replace(PLAIN, fuse_projections=True),
-    "rope": replace(PLAIN, cache_rope=True),
-    "cross_kv": replace(PLAIN, cache_cross_kv=True),
-    "compile": replace(PLAIN, compile=True),
-    "cuda_graphs": replace(PLAIN, cuda_graphs=True),
+    **each_alone(ALL),  # fuse, rope, cross_kv, compile, cuda_graphs: one at a time
     "all": ALL,
     "all+cuda_graphs": replace(ALL, cuda_graphs=True),
 }

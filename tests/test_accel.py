@@ -22,7 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from wanfast.accel import optimize_dit, optimize_pipeline, reset_caches
+from wanfast.accel import each_alone, optimize_dit, optimize_pipeline, reset_caches
 from wanfast.accel.caches import CrossKVCache, RopeCache, TimeEmbedCache, caches_of
 from wanfast.accel.compile import is_compiled
 from wanfast.accel.fuse import FusedCrossAttention, FusedSelfAttention
@@ -37,13 +37,7 @@ TOL = 1e-5
 COMPILE_BACKEND = os.environ.get("WANFAST_TEST_COMPILE_BACKEND", "aot_eager")
 ALL = EngineSettings(device="cpu", dtype=torch.float32, compile=True)  # every switch on but cuda_graphs
 PLAIN = ALL.plain()
-ALONE = {
-    "fuse": replace(PLAIN, fuse_projections=True),
-    "rope": replace(PLAIN, cache_rope=True),
-    "cross_kv": replace(PLAIN, cache_cross_kv=True),
-    "compile": replace(PLAIN, compile=True),
-    "all": ALL,
-}
+ALONE = {**each_alone(ALL, ("fuse", "rope", "cross_kv", "compile")), "all": ALL}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

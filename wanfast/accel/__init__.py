@@ -28,6 +28,7 @@ per-request caches.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from torch import nn
 
@@ -84,6 +85,21 @@ def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str 
         )
     log.info("accel: %s", ", ".join(applied) or "nothing (plain eager)")
     return dit
+
+
+# Each lossless switch by a short name: what equivalence tests and GPU checks turn on one at a time.
+SWITCHES = {
+    "fuse": "fuse_projections",
+    "rope": "cache_rope",
+    "cross_kv": "cache_cross_kv",
+    "compile": "compile",
+    "cuda_graphs": "cuda_graphs",
+}
+
+
+def each_alone(base: EngineSettings, names=tuple(SWITCHES)) -> dict[str, EngineSettings]:
+    """``base.plain()`` with one switch on, for each name in ``names``."""
+    return {n: replace(base.plain(), **{SWITCHES[n]: True}) for n in names}
 
 
 def optimize_pipeline(pipe, *, compile_backend: str = "inductor"):
