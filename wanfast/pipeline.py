@@ -8,7 +8,8 @@ its own guidance scale; the solver's ``step`` per timestep; VAE decode of the fi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -95,19 +96,13 @@ class _Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                timer.sync()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.sync()
-                timer.timings[name] = time.perf_counter() - self.t0
-
-        return _Stage()
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.sync()
+        t0 = time.perf_counter()
+        yield
+        self.sync()
+        self.timings[name] = time.perf_counter() - t0
 
 
 class WanPipeline:
