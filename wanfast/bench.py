@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -91,6 +92,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(
             "--check compares the final latents of measured generations: add generate to --what"
         )
+    if not args.compare and (args.peer == "none" or args.check):
+        raise ConfigError("--compare none times the peer alone: it needs a peer and no --check")
     if args.repeats < 1 or args.warmup < 0 or args.gen_repeats < 1 or args.composed_steps < 1:
         raise ConfigError("--repeats, --gen-repeats and --composed-steps must be >= 1, --warmup >= 0")
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
@@ -257,7 +260,7 @@ class Bench:
                 self.generation(side, engine)
         engines = [e for _, e in self.gen_runs]
         self.records += compose(self.records, engines, list(self.plan.params), self.args.composed_steps)
-        annotate_ratios(self.records, self.plan.engines[0].name)
+        annotate_ratios(self.records, self.plan.engines[0].name if self.plan.engines else "diffusers")
         return {
             "tool": "wanfast bench",
             "schema": 1,
@@ -309,20 +312,22 @@ def _environment(device: torch.device) -> dict:
 
     from wanfast.bench_peer import version
 
-    try:
+    try:  # no .git on a machine that got a copy of the tree: WANFAST_COMMIT names it
         git = ["git", "rev-parse", "--short", "HEAD"]
         commit = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-        commit = commit.stdout.strip() or "unknown"
+        commit = commit.stdout.strip() or os.environ.get("WANFAST_COMMIT", "unknown")
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit = os.environ.get("WANFAST_COMMIT", "unknown")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "diffusers": version(),
             "python": platform.python_version(), "commit": commit}  # fmt: skip
 
 
-def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+def _names(choices: tuple[str, ...], allow_none: bool = False) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
+        if allow_none and text.strip() == "none":
+            return []
         items = [s.strip() for s in text.split(",") if s.strip()]
         if not items or any(s not in choices for s in items) or len(set(items)) != len(items):
             raise argparse.ArgumentTypeError(
@@ -357,9 +362,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--what", type=_names(WHATS), default=list(WHATS), help=f"any of {','.join(WHATS)} (default: all)")
     add("--steps", type=int, help="steps of the measured generation (default: the preset's, 40)")
     add("--composed-steps", type=int, default=40, help="steps of the composed estimate (default 40)")
-    add("--compare", type=_names(ENGINES), default=["default"],
+    add("--compare", type=_names(ENGINES, allow_none=True), default=["default"],
         help=f"engine settings to time, any of {','.join(ENGINES)}: each ladder rung adds one switch to the "
-        "rungs before it (eager: all off); default: EngineSettings() (default: default)")  # fmt: skip
+        "rungs before it (eager: all off); default: EngineSettings() (default: default); none: the peer "
+        "alone (a run too long to hold both, merged later with benchmarks/merge_bench.py)")  # fmt: skip
     add("--peer", choices=["auto", "diffusers", "none"], default="auto",
         help="auto (default): Diffusers where importable, loudly skipped where not")  # fmt: skip
     add("--repeats", type=int, default=2, help="measured calls / steps; the median is reported (default 2)")

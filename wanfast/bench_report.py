@@ -109,7 +109,8 @@ def _order(r: dict) -> tuple:
 
 
 def format_table(report: dict) -> str:
-    env, cfg, first = report["environment"], report["config"], report["config"]["compare"][0]
+    env, cfg = report["environment"], report["config"]
+    first = (cfg["compare"] or ["diffusers"])[0]
     head = ("what", "size", "engine", "kind", "seconds", "peak GiB", "vs diffusers", f"vs {first}")
     order = sorted(report["measurements"], key=_order)
     rows = [head] + [
