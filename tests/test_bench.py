@@ -253,3 +253,31 @@ def test_diffusers_transformer_built_on_meta_equals_a_plain_build():
         dtypes["blocks.0.norm2.weight"] == torch.float32
         and dtypes["blocks.0.ffn.net.2.weight"] == torch.bfloat16
     )
+
+
+def test_peer_alone_and_merge_give_the_ratios_of_one_run(tmp_path, monkeypatch):
+    """Runs too long to hold both implementations (40 steps at 720p) are timed apart and merged."""
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    from merge_bench import merge
+
+    monkeypatch.setenv("WANFAST_COMMIT", "abc1234")
+    what = ["--what", "generate", "--warmup", "0"]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    rc_a, ours = run(tmp_path / "a", [*what, "--compare", "default", "--peer", "none"])
+    rc_b, peer = run(tmp_path / "b", [*what, "--compare", "none", "--peer", "diffusers"])
+    assert rc_a == rc_b == 0 and ours["environment"]["commit"] == "abc1234"
+    assert {r["impl"] for r in peer["measurements"]} == {"diffusers"} and peer["config"]["compare"] == []
+    merged = merge([ours, peer])
+    gen = [r for r in merged["measurements"] if r["impl"] == "wanfast" and r["what"] == "generate"]
+    peer_gen = {r["kind"]: r for r in merged["measurements"] if r["impl"] == "diffusers"}
+    assert {r["kind"] for r in gen} == {"measured", "composed"}
+    for r in gen:
+        assert r["vs_diffusers"] == pytest.approx(r["seconds"] / peer_gen[r["kind"]]["seconds"])
+    assert [e["name"] for e in merged["engines"]] == ["default", "diffusers"] and len(merged["runs"]) == 2
+    assert "vs diffusers" in bench.format_table(merged)
+
+
+def test_compare_none_needs_a_peer(tmp_path):
+    with pytest.raises(ConfigError, match="peer alone"):
+        run(tmp_path, ["--what", "generate", "--compare", "none", "--peer", "none"])

@@ -312,12 +312,14 @@ def _environment(device: torch.device) -> dict:
 
     from wanfast.bench_peer import version
 
-    try:  # no .git on a machine that got a copy of the tree: WANFAST_COMMIT names it
-        git = ["git", "rev-parse", "--short", "HEAD"]
-        commit = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-        commit = commit.stdout.strip() or os.environ.get("WANFAST_COMMIT", "unknown")
-    except (OSError, subprocess.SubprocessError):
-        commit = os.environ.get("WANFAST_COMMIT", "unknown")
+    commit = os.environ.get("WANFAST_COMMIT")  # a copy of the tree may carry a stale .git, or none
+    if not commit:
+        try:
+            git = ["git", "rev-parse", "--short", "HEAD"]
+            run = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+            commit = run.stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "diffusers": version(),
