@@ -281,3 +281,11 @@ def test_peer_alone_and_merge_give_the_ratios_of_one_run(tmp_path, monkeypatch):
 def test_compare_none_needs_a_peer(tmp_path):
     with pytest.raises(ConfigError, match="peer alone"):
         run(tmp_path, ["--what", "generate", "--compare", "none", "--peer", "none"])
+
+
+def test_quant_reaches_every_wanfast_engine(tmp_path):
+    rc, report = run(tmp_path, ["--what", "forward", "--compare", "eager,default", "--peer", "none",
+                                "--quant", "fp8", "--warmup", "0"])  # fmt: skip
+    assert rc == 0 and report["config"]["quant"] == "fp8"
+    assert [e["settings"]["quant"] for e in report["engines"]] == ["fp8", "fp8"]
+    assert all(r["seconds"] > 0 for r in rows(report, what="forward", kind="measured"))

@@ -105,8 +105,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         for w, h in sizes
     }
     base = EngineSettings(
-        device=str(device), dtype=dtype, vae_dtype=vae_dtype, attention_backend=args.attention
-    )
+        device=str(device), dtype=dtype, vae_dtype=vae_dtype, attention_backend=args.attention,
+        self_attention_backend=args.self_attention, quant=args.quant,
+    )  # fmt: skip
     engines = [Engine(n, "wanfast", engine_settings(n, base)) for n in args.compare]
     gen_engines = list(engines)
     if args.check and not any(e.settings == e.settings.plain() for e in engines):
@@ -297,7 +298,8 @@ def _config(plan: Plan, args: argparse.Namespace) -> dict:
             "composed_steps": args.composed_steps, "what": args.what, "compare": args.compare,
             "repeats": args.repeats,
             "warmup": args.warmup, "gen_repeats": args.gen_repeats, "dtype": str(plan.dtype),
-            "vae_dtype": str(plan.vae_dtype), "seed": args.seed, "prompt": PROMPT}  # fmt: skip
+            "vae_dtype": str(plan.vae_dtype), "seed": args.seed, "prompt": PROMPT, "quant": args.quant,
+            "self_attention": args.self_attention}  # fmt: skip
 
 
 def _engine_json(side, engine: Engine) -> dict:
@@ -378,6 +380,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--dtype", help="DiT and text-encoder dtype (default: bf16 on GPU, fp32 on CPU)")
     add("--vae-dtype", help="VAE dtype of both implementations (default: --dtype)")
     add("--attention", default="auto", help="wanfast's attention backend (default: auto)")
+    add("--self-attention", default=None, metavar="BACKEND",
+        help="wanfast's self-attention backend, e.g. the lossy sage8 (default: --attention)")  # fmt: skip
+    add("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linears in every wanfast engine")
     add("--seed", type=int, default=0)
     add("--check", action="store_true", help="relative error of each engine's final latents vs eager")
     add("--check-tol", type=float, default=2e-2, help="--check exits 1 above this (default 2e-2)")
