@@ -8,7 +8,14 @@ Backends:
 - ``sdpa`` (PyTorch picks), ``sdpa-cudnn`` / ``sdpa-flash`` / ``sdpa-math`` (one SDPA kernel forced);
 - ``flash3`` (FlashAttention-3 on Hopper: ``flash_attn_interface``, or ``fa3_fwd_interface`` from the
   forward-only ``fa3-fwd`` wheel, the ``hopper`` extra), ``flash2`` (``flash_attn``), when importable;
-- ``sage`` (SageAttention, ``sageattention``): quantised, so lossy. Only ever used when named explicitly.
+- ``sage`` (SageAttention, ``sageattention``): quantised, so lossy. Only ever used when named explicitly;
+- ``sage8`` (FP8 Q/K and FP8 P/V), ``sage8-pv16`` (FP8 Q/K, bf16 P/V), ``sage8-int8`` (INT8 Q/K, FP8 P/V):
+  wanfast's own 8-bit Triton kernel (``wanfast/kernels/attn8.py``), Hopper only; lossy, explicit only.
+
+Two slots: the default backend (``set_backend``) serves every call; a separate self-attention backend
+(``set_self_attention_backend``, or ``set_backend(..., self_attention=...)``) serves the calls made with
+``attention(q, k, v, self_attention=True)`` (the DiT's self-attention) when set. The lossy 8-bit kernels
+are meant for that slot: the DiT's self-attention is most of a 720p forward, its cross-attention is tiny.
 
 ``auto`` on CUDA takes the first available of ``_AUTO_ORDER_CUDA``, fastest measured first on the H200 at
 75,600 tokens (benchmarks/results/2026-11-23_attention_kernels_h200.json): FlashAttention-3 667 TFLOP/s,
@@ -21,6 +28,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +126,14 @@ def _sage() -> AttentionFn:
     return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)  # NHD = [B, L, H, D]
 
 
+def _attn8(qk: str, pv: str) -> AttentionFn:
+    from wanfast.kernels.attn8 import attn8
+
+    return partial(attn8, qk=qk, pv=pv)  # [B, L, H, D] in and out, scale 1/sqrt(D); autotuned per shape
+
+
+_SAGE8 = {"sage8": ("fp8", "fp8"), "sage8-pv16": ("fp8", "bf16"), "sage8-int8": ("int8", "fp8")}
+
 _REGISTRY: dict[str, Backend] = {
     "sdpa": Backend(lambda: _sdpa, lambda: True),
     "sdpa-cudnn": Backend(
@@ -130,12 +146,19 @@ _REGISTRY: dict[str, Backend] = {
     "flash3": Backend(lambda: _library_op("flash3", _flash3), _cuda_with(_FA3_MODULES, 9, 9)),
     "flash2": Backend(lambda: _library_op("flash2", _flash2), _cuda_with("flash_attn", 8)),
     "sage": Backend(lambda: _library_op("sage", _sage), _cuda_with("sageattention", 8), lossy=True),
+    **{
+        name: Backend(
+            lambda n=name, m=modes: _library_op(n, lambda: _attn8(*m)), _cuda_with("triton", 9, 9), lossy=True
+        )  # fmt: skip
+        for name, modes in _SAGE8.items()
+    },
 }
 
 # Preference for "auto" on CUDA, fastest measured first. Lossy backends never appear here.
 _AUTO_ORDER_CUDA = ("flash3", "sdpa-cudnn", "flash2", "sdpa")
 
 _active: tuple[str, AttentionFn] | None = None
+_self_active: tuple[str, AttentionFn] | None = None  # None: self-attention uses _active
 
 
 def register_backend(
@@ -166,25 +189,53 @@ def resolve_backend(name: str = "auto", device: str | torch.device | None = None
     return name
 
 
-def set_backend(name: str = "auto", device: str | torch.device | None = None) -> str:
-    """Choose the backend once for this process; returns the resolved name."""
-    global _active
-    name = resolve_backend(name, device)
+def _build(name: str, what: str) -> tuple[str, AttentionFn]:
     backend = _REGISTRY[name]
-    _active = (name, backend.factory())
     if backend.lossy:
-        log.warning("attention backend: %s (lossy: outputs differ from exact attention)", name)
+        log.warning("%s backend: %s (lossy: outputs differ from exact attention)", what, name)
     else:
-        log.info("attention backend: %s", name)
-    return name
+        log.info("%s backend: %s", what, name)
+    return name, backend.factory()
+
+
+def set_backend(
+    name: str = "auto", device: str | torch.device | None = None, self_attention: str | None = None
+) -> str:
+    """Choose the backend once for this process; returns the resolved name. ``self_attention``, when
+    given, also sets the self-attention slot (``set_self_attention_backend``)."""
+    global _active
+    _active = _build(resolve_backend(name, device), "attention")
+    if self_attention is not None:
+        set_self_attention_backend(self_attention, device)
+    return _active[0]
+
+
+def set_self_attention_backend(name: str | None, device: str | torch.device | None = None) -> str | None:
+    """Choose the backend of ``attention(..., self_attention=True)`` calls; None: the default backend's.
+    Returns the resolved name (None when cleared). Unknown or unavailable names raise as ``set_backend``."""
+    global _self_active
+    if name is None:
+        _self_active = None
+        log.info("self-attention backend: same as attention (%s)", active_backend() or "not chosen yet")
+        return None
+    _self_active = _build(resolve_backend(name, device), "self-attention")
+    return _self_active[0]
 
 
 def active_backend() -> str | None:
     return _active[0] if _active else None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention, no mask, scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+def active_self_attention_backend() -> str | None:
+    """The backend self-attention calls use: the self-attention slot's, else the default one."""
+    return _self_active[0] if _self_active else active_backend()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, self_attention: bool = False) -> Tensor:
+    """Softmax attention, no mask, scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+    ``self_attention=True`` (the DiT's self-attention) uses the self-attention backend when one is set."""
+    if self_attention and _self_active is not None:
+        return _self_active[1](q, k, v)
     if _active is None:
         set_backend("auto", q.device)
     return _active[1](q, k, v)

@@ -48,7 +48,7 @@ class FusedSelfAttention(nn.Module):
         v = v.unflatten(-1, (self.num_heads, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o(attention(q, k, v, self_attention=True).flatten(2))
 
 
 class FusedCrossAttention(nn.Module):

@@ -132,7 +132,7 @@ class Attention(nn.Module):
         k, v = context if isinstance(context, tuple) else self.kv(x if context is None else context)
         if rope is not None:
             q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o(attention(q, k, v, self_attention=context is None).flatten(2))
 
 
 class WanBlock(nn.Module):

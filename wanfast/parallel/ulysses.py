@@ -112,15 +112,23 @@ def _install_backend(device: torch.device) -> None:
     """Make the active attention backend the Ulysses-aware wrapper of itself (once per process; again if
     something chose another backend since)."""
     name = attention.active_backend() or attention.set_backend("auto", device)
-    if name.startswith(_PREFIX):
-        return
-    inner = attention._active[1]  # the built function of the chosen backend
+    if not name.startswith(_PREFIX):
+        attention.register_backend(_PREFIX + name, _wrapper(attention._active[1]), lambda: True)
+        attention.set_backend(_PREFIX + name)
+    # a separate self-attention backend (EngineSettings.self_attention_backend) is wrapped the same way
+    own = attention._self_active
+    if own is not None and not own[0].startswith(_PREFIX):
+        attention.register_backend(_PREFIX + own[0], _wrapper(own[1]), lambda: True)
+        attention.set_self_attention_backend(_PREFIX + own[0])
+
+
+def _wrapper(inner):
+    """A factory of the Ulysses-aware version of ``inner`` (a built backend function)."""
 
     def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return _ACTIVE[-1].attend(inner, q, k, v) if _ACTIVE else inner(q, k, v)
 
-    attention.register_backend(_PREFIX + name, lambda: fn, lambda: True)
-    attention.set_backend(_PREFIX + name)
+    return lambda: fn
 
 
 def apply_ulysses(dit: nn.Module, group: dist.ProcessGroup) -> UlyssesPlan:
