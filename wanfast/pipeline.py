@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from wanfast.accel import reset_caches
+from wanfast.accel.stepcache import ForwardCounter, StepCache, installed
 from wanfast.config import NUM_TRAIN_TIMESTEPS, EngineSettings, SamplingDefaults, SamplingParams
 from wanfast.solvers import make_solver
 from wanfast.video import to_uint8_frames
@@ -30,6 +31,9 @@ class GenerationResult:
     params: SamplingParams
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     steps_per_expert: dict[str, int] = field(default_factory=dict)
+    # DiT forwards this process ran and skipped (step caching): "computed", "skipped", and per expert
+    # "<expert>_computed" / "<expert>_skipped"; two per guided step, one per unguided or CFG-parallel step
+    forwards: dict[str, int] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
 
 
@@ -149,13 +153,27 @@ class WanPipeline:
         guidance_low_noise: float | None = None,
         boundary: float | None = None,
         progress: ProgressFn | None = None,
+        cfg_steps: int | None = None,
+        step_cache_threshold: float | None = None,
     ) -> GenerationResult:
         params = self.params(
             prompt, negative_prompt=negative_prompt, size=size, frames=frames, steps=steps, seed=seed,
             solver=solver, shift=shift, guidance_high_noise=guidance_high_noise,
-            guidance_low_noise=guidance_low_noise, boundary=boundary,
+            guidance_low_noise=guidance_low_noise, boundary=boundary, cfg_steps=cfg_steps,
+            step_cache_threshold=step_cache_threshold,
         )  # fmt: skip
         return self.run(params, progress)
+
+    def step_cache(self, params: SamplingParams, context: list, context_null: list) -> StepCache | None:
+        """The request's step cache (accel/stepcache.py), or None when ``params.step_cache_threshold`` is
+        0. Branches are named by the two context objects the loop passes every step; the final timestep
+        is always computed; under Ulysses the skip decision is agreed over the sequence group."""
+        if not params.step_cache_threshold > 0:
+            return None
+        last_t = make_solver(params.solver, params.steps, params.shift).timesteps[-1].item()
+        group = self.parallel.mesh.sp_group if self.parallel else None
+        branches = {"cond": context, "uncond": context_null}
+        return StepCache(params.step_cache_threshold, branches, (last_t,), group)
 
     @torch.inference_mode()
     def run(self, params: SamplingParams, progress: ProgressFn | None = None) -> GenerationResult:
@@ -183,9 +201,11 @@ class WanPipeline:
             timer.sync()
             stamps.append((name, time.perf_counter()))
 
-        with timer.stage("denoise"):
+        ctx, ctx_null = [context], [context_null]  # the same two objects every step (step-cache branches)
+        cache, counter = self.step_cache(params, ctx, ctx_null), ForwardCounter(self.experts)
+        with timer.stage("denoise"), installed(self.experts, cache):
             latents, counts = denoise(
-                self.experts, noise, [context], [context_null], params, progress, on_expert,
+                counter.experts, noise, ctx, ctx_null, params, progress, on_expert,
                 par.predict if par else guided_prediction,
             )  # fmt: skip
         edges = [s[1] for s in stamps] + [time.perf_counter()]
@@ -205,5 +225,6 @@ class WanPipeline:
             params=params,
             timings=timings,
             steps_per_expert=counts,
+            forwards=counter.summary(cache),
             peak_memory_bytes=peak,
         )
