@@ -62,6 +62,16 @@ def test_submit_poll_and_fetch_a_playable_mp4(client, tmp_path):
     assert part.status_code == 206 and part.content == r.content[:100]
 
 
+def test_cfg_steps_and_step_cache_threshold_reach_the_worker(client):
+    job = submit(client, steps=3, cfg_steps=1, step_cache_threshold=0.05, **LONG)
+    assert job["request"]["cfg_steps"] == 1 and job["request"]["step_cache_threshold"] == 0.05
+    done = wait_final(client, job["id"])
+    assert done["state"] == "succeeded", done
+    assert (done["params"]["cfg_steps"], done["params"]["step_cache_threshold"]) == (1, 0.05)
+    r = client.post("/v1/videos", json={"prompt": "x", "cfg_steps": -1})
+    assert r.status_code == 422 and "cfg_steps" in r.json()["detail"]
+
+
 def test_progress_is_streamed_as_server_sent_events(client):
     job = submit(client, steps=150, **LONG)
     events, deadline = [], time.monotonic() + 60

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from wanfast.batch import forwards_text
 from wanfast.config import PRESETS, SOLVERS, ConfigError, EngineSettings, SamplingParams, parse_dtype
 
 
@@ -29,6 +30,22 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", choices=["tiny"], help="'tiny': small random-weight model (CPU tests, demos)")
 
 
+def add_engine_memory_flags(p: argparse.ArgumentParser) -> None:
+    """Engine switches shared by generate and serve: text-encoder placement, self-attention kernel, FP8,
+    memory mode and budget."""
+    p.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep UMT5 off the GPU")
+    p.add_argument("--t5-cpu", dest="text_encoder_device", action="store_const", const="cpu",
+                   help="run the text encoder on the CPU (= --text-encoder-device cpu)")  # fmt: skip
+    p.add_argument("--self-attention", default=None, metavar="BACKEND",
+                   help="the DiT self-attention backend only, e.g. a lossy 8-bit one (default: --attention)")  # fmt: skip
+    p.add_argument("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linear layers")
+    p.add_argument("--offload", choices=["expert", "blocks"], default=None,
+                   help="expert: only the active expert on the GPU; blocks: DiT blocks streamed to the GPU")  # fmt: skip
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="pick the fastest memory mode (resident, expert, blocks) whose estimate fits GIB, "
+                   "and cap the process's GPU memory at it")  # fmt: skip
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a video from a prompt")
     p.set_defaults(func=generate)
@@ -36,6 +53,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="the text prompt")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    text.add_argument("--prompts-file", type=Path, metavar="FILE",
+                      help="many requests, one model load: a JSON object per line with \"prompt\" and any "
+                      "per-prompt overrides (size, frames, steps, seed, ..., output); run one after the "
+                      "other, not batched (no throughput gain measured at 720p). Outputs: each line's "
+                      "\"output\", else <--output stem>_<index>.mp4")  # fmt: skip
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
     p.add_argument(
         "--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 (default 1280x720)"
@@ -52,6 +74,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boundary", type=float, default=None, help="expert switch, fraction of 1000 (0.875)")
     p.add_argument("--cfg-steps", type=int, default=None, metavar="K",
                    help="lossy: guidance for the first K steps only, one pass per step after (default: all)")  # fmt: skip
+    p.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
+                   help="lossy: skip a DiT forward while the input changed less than THRESHOLD (0: off)")  # fmt: skip
     p.add_argument("--fps", type=int, default=None, help="frame rate of the MP4 (default 16)")
     p.add_argument("--output", type=Path, default=Path("output.mp4"))
     p.add_argument(
@@ -60,7 +84,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="DiT/text-encoder dtype: bf16 (default on GPU), fp16, fp32")
     p.add_argument("--vae-dtype", default="fp32", help="VAE dtype (default fp32, as official)")
-    p.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep UMT5 off the GPU")
+    add_engine_memory_flags(p)
     p.add_argument("--attention", default="auto", help="attention backend (default: fastest available)")
     opt = p.add_argument_group("optimisations (lossless; each on by default where it pays)")
     opt.add_argument("--plain", action="store_true", help="turn every optimisation off: the eager reference")
@@ -69,15 +93,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--no-cache", action="store_true", help="no cross-attention K/V and RoPE caches")
     opt.add_argument("--no-vae-opt", action="store_true", help="the plain VAE decode")
     opt.add_argument("--cuda-graphs", action="store_true", help="capture the DiT forward in CUDA graphs")
-    p.add_argument("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linear layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     mem = p.add_argument_group("memory modes and LoRA")
-    mem.add_argument(
-        "--offload",
-        choices=["expert", "blocks"],
-        default=None,
-        help="expert: only the active expert on the GPU; blocks: DiT blocks streamed to the GPU",
-    )
     mem.add_argument("--lora-high-noise", default=None, metavar="FILE", help="LoRA for the high-noise expert")
     mem.add_argument("--lora-low-noise", default=None, metavar="FILE", help="LoRA for the low-noise expert")
     mem.add_argument("--lora-strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
@@ -113,11 +130,13 @@ def _read_prompt(args: argparse.Namespace) -> str:
         raise ConfigError(f"cannot read prompt file {args.prompt_file}: {e}") from e
 
 
-def _params(args: argparse.Namespace, defaults) -> SamplingParams:
+def _overrides(args: argparse.Namespace) -> dict:
+    """The sampling overrides the flags give (None: not given), after any --sampling-preset."""
     overrides = dict(
         negative_prompt=args.negative_prompt or None, frames=args.frames, steps=args.steps, seed=args.seed,
         solver=args.solver, shift=args.shift, guidance_high_noise=args.guidance_high_noise,
         guidance_low_noise=args.guidance_low_noise, boundary=args.boundary, cfg_steps=args.cfg_steps,
+        step_cache_threshold=args.step_cache,
     )  # fmt: skip
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
@@ -128,7 +147,11 @@ def _params(args: argparse.Namespace, defaults) -> SamplingParams:
             **sampling_overrides(args.sampling_preset),
             **{k: v for k, v in overrides.items() if v is not None},
         }
-    return SamplingParams.from_defaults(defaults, _read_prompt(args), **overrides)
+    return overrides
+
+
+def _params(args: argparse.Namespace, defaults) -> SamplingParams:
+    return SamplingParams.from_defaults(defaults, _read_prompt(args), **_overrides(args))
 
 
 def _summary(result, fps: int, output: Path) -> str:
@@ -145,6 +168,9 @@ def _summary(result, fps: int, output: Path) -> str:
                 )
             )
     rows += [("VAE decode", f"{t.get('vae_decode', 0):.2f} s"), ("total", f"{t.get('total', 0):.2f} s")]
+    forwards = forwards_text(result)
+    if forwards:
+        rows.append(("DiT forwards", forwards))
     if result.peak_memory_bytes is not None:
         rows.append(("peak GPU memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"))
     p = result.params
@@ -161,6 +187,8 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
         vae_dtype=vae_dtype,
         text_encoder_device=args.text_encoder_device,
         attention_backend=args.attention,
+        self_attention_backend=args.self_attention,
+        memory_budget_gb=args.memory_budget,
         quant=args.quant,
         cfg_parallel=args.cfg_parallel,
         ulysses=args.ulysses,
@@ -199,8 +227,19 @@ def out_of_memory_message(source, params: SamplingParams, device: str) -> str:
 
 def generate(args: argparse.Namespace) -> int:
     preset = PRESETS["tiny" if args.model == "tiny" else "t2v-A14B"]
-    params = _params(args, preset.defaults)  # validates every request field before any weights load
-    num_heads = preset.dit.num_heads
+    # every request field (every line of a prompts file) is validated before any weights load
+    items, params = None, None
+    if args.prompts_file is not None:
+        from wanfast.batch import read_prompts_file
+
+        items = read_prompts_file(
+            args.prompts_file, _overrides(args), preset.defaults, args.output, args.save_latents
+        )
+        plan_sizes = [(i.params.width, i.params.height, i.params.frames) for i in items]
+    else:
+        params = _params(args, preset.defaults)
+        plan_sizes = [(params.width, params.height, params.frames)]
+    num_heads, layout = preset.dit.num_heads, None
     if args.ckpt_dir is not None:
         from wanfast.loading.layout import detect_layout, dit_config
 
@@ -225,45 +264,63 @@ def generate(args: argparse.Namespace) -> int:
     vae_dtype = parse_dtype(args.vae_dtype)
 
     from wanfast import attention
-    from wanfast.api import load_pipeline, tiny_pipeline
+    from wanfast.api import load_pipeline, model_preset, plan_memory, tiny_pipeline
     from wanfast.video import write_mp4
 
     settings = engine_settings(args, device, dtype, vae_dtype)
     if args.model == "tiny":
-        pipe = tiny_pipeline(device=device, dtype=dtype, settings=replace(settings, vae_dtype=dtype))
+        settings = replace(settings, vae_dtype=dtype)
+    mem_preset, fp8_checkpoint = model_preset(layout)  # config files only
+    settings, why = plan_memory(settings, mem_preset, plan_sizes, fp8_checkpoint)  # before any weights load
+    if why and rank == 0:
+        print(why, file=sys.stderr)
+    if args.model == "tiny":
+        pipe = tiny_pipeline(device=device, dtype=dtype, settings=settings, plan_sizes=plan_sizes)
     else:
-        pipe = load_pipeline(args.ckpt_dir, settings=settings)
-        if args.boundary is None and pipe.defaults.boundary != params.boundary:
+        pipe = load_pipeline(args.ckpt_dir, settings=settings, plan_sizes=plan_sizes)
+        if params is not None and args.boundary is None and pipe.defaults.boundary != params.boundary:
             params = params.with_(boundary=pipe.defaults.boundary)  # the checkpoint's own boundary
     if rank == 0:
         print(f"attention backend: {attention.active_backend()}", file=sys.stderr)
 
-    bar = None
-    if not args.no_progress and rank == 0:
+    def progress_for(p: SamplingParams):
+        if args.no_progress or rank != 0:
+            return None
         from tqdm import tqdm
 
-        bar = tqdm(total=params.steps, desc="denoising", unit="step", file=sys.stderr)
+        bar = tqdm(total=p.steps, desc="denoising", unit="step", file=sys.stderr)
 
-    def progress(i: int, n: int, expert: str) -> None:
-        if bar is not None:
+        def progress(i: int, n: int, expert: str) -> None:
             bar.set_postfix_str(expert)
             bar.update(1)
+            if i + 1 == n:
+                bar.close()
 
+        return progress
+
+    def write(result, output: Path, latents: Path | None, fps: int) -> None:
+        write_mp4(result.frames, output, fps=fps)
+        if latents is not None:
+            from safetensors.torch import save_file
+
+            latents.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"latents": result.latents.contiguous()}, str(latents))
+
+    fps = args.fps or preset.defaults.fps
+    if items is not None:
+        from wanfast.batch import run_batch
+
+        def write_item(result, item, item_fps: int) -> None:
+            write(result, item.output, item.latents, item_fps)
+
+        return run_batch(pipe, items, fps, write_item, progress_for, rank)
     try:
-        result = pipe.run(params, progress)
+        result = pipe.run(params, progress_for(params))
     except torch.OutOfMemoryError as e:
         raise ConfigError(out_of_memory_message(pipe, params, device)) from e
-    if bar is not None:
-        bar.close()
-    fps = args.fps or preset.defaults.fps
     if rank != 0:  # every rank holds the same result; only rank 0 writes
         return 0
-    write_mp4(result.frames, args.output, fps=fps)
-    if args.save_latents is not None:
-        from safetensors.torch import save_file
-
-        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": result.latents.contiguous()}, str(args.save_latents))
+    write(result, args.output, args.save_latents, fps)
     print(_summary(result, fps, args.output))
     return 0
 

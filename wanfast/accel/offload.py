@@ -251,20 +251,34 @@ class WeightSizes:
 
 
 @functools.lru_cache(maxsize=8)
-def _preset_modules(preset: ModelPreset, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
-    """A DiT (in ``dtype``) and a VAE (float32) on the meta device: shapes only, built once per preset."""
+def _preset_modules(
+    preset: ModelPreset, dtype: torch.dtype, quant: str | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """A DiT (in ``dtype``; its block linears FP8 as ``accel.fp8`` makes them when ``quant == "fp8"``)
+    and a VAE (float32) on the meta device: shapes only, built once per (preset, dtype, quant)."""
     from wanfast.models.dit import WanDiT
     from wanfast.models.vae import WanVAE
 
     with torch.device("meta"):
-        return WanDiT(preset.dit).to(dtype), WanVAE(preset.vae)
+        dit, vae = WanDiT(preset.dit).to(dtype), WanVAE(preset.vae)
+    if quant is not None:
+        from wanfast.accel.fp8 import apply_quant
+
+        apply_quant(dit, quant)  # meta tensors: the FP8 weights and scales, no data
+    return dit, vae
 
 
-def weight_sizes(source, dtype: torch.dtype = torch.bfloat16, text_encoder_on_device: bool = True):
-    """From a built ``WanPipeline``'s parameters (offloaded or not), or from a ``ModelPreset`` (modules
-    built on the meta device; DiT and T5 in ``dtype``, the VAE in float32)."""
+def weight_sizes(
+    source,
+    dtype: torch.dtype = torch.bfloat16,
+    text_encoder_on_device: bool = True,
+    quant: str | None = None,
+):
+    """From a built ``WanPipeline``'s parameters (offloaded or not; FP8 already counted as built), or from
+    a ``ModelPreset`` (modules built on the meta device; DiT and T5 in ``dtype``, the VAE in float32, the
+    DiT's block linears FP8 with ``quant="fp8"``, about half the bf16 expert)."""
     if isinstance(source, ModelPreset):
-        dit, vae = _preset_modules(source, dtype)
+        dit, vae = _preset_modules(source, dtype, quant)
         dits, n = [dit], source.num_experts
         vae_b, te_b = _nbytes(vae), _t5_params(source.text_encoder) * dtype.itemsize
     else:
@@ -294,7 +308,8 @@ def activation_bytes(source, size: tuple[int, int], frames: int) -> int:
 
 def estimate_memory(source, size: tuple[int, int], frames: int, offload: str | None = None, **kw) -> int:
     """Estimated peak device bytes of a request of ``size`` (width, height) x ``frames`` in mode
-    ``offload`` (None: resident). An estimate (weights exact, activations rough), not a guarantee."""
+    ``offload`` (None: resident). An estimate (weights exact, activations rough), not a guarantee.
+    ``kw`` go to ``weight_sizes`` (``dtype``, ``text_encoder_on_device``, ``quant``)."""
     w = weight_sizes(source, **kw)
     if offload is None:
         dit = w.num_experts * w.expert

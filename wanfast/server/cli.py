@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from wanfast.cli import add_model_source
+from wanfast.cli import add_engine_memory_flags, add_model_source
 from wanfast.config import PRESETS, ConfigError
 
 log = logging.getLogger("wanfast.server")
@@ -40,8 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="worker device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="DiT/text-encoder dtype: bf16 (default on GPU), fp16, fp32")
-    p.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep UMT5 off the GPU")
     p.add_argument("--attention", default="auto", help="attention backend (default: fastest available)")
+    add_engine_memory_flags(
+        p
+    )  # --text-encoder-device/--t5-cpu, --self-attention, --quant, --offload, --memory-budget
+    p.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -61,6 +64,30 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
+    """What the worker process gets (JSON): the model source and its engine switches."""
+    return {
+        "data_dir": str(data_dir), "model": args.model, "ckpt_dir": str(args.ckpt_dir) if args.ckpt_dir else None,
+        "device": args.device, "dtype": args.dtype, "text_encoder_device": args.text_encoder_device,
+        "attention": args.attention, "self_attention": args.self_attention, "quant": args.quant,
+        "offload": args.offload, "memory_budget_gb": args.memory_budget, "compile": False if args.no_compile else None,
+    }  # fmt: skip
+
+
+def check_memory(config: dict) -> str | None:
+    """With a memory budget, the mode the worker will pick for the model's default request (raises
+    ``MemoryBudgetError`` now rather than in a worker restart loop); the reason, or None."""
+    if config["memory_budget_gb"] is None:
+        return None
+    from wanfast.api import model_preset, plan_memory
+    from wanfast.loading.layout import detect_layout
+    from wanfast.server.worker import worker_settings
+
+    preset, fp8 = model_preset(detect_layout(config["ckpt_dir"]) if config["ckpt_dir"] else None)
+    d = preset.defaults
+    return plan_memory(worker_settings(config), preset, [(*d.size, d.frames)], fp8)[1]
 
 
 def _exit_cleanly(signum: int, frame) -> None:
@@ -97,11 +124,10 @@ def serve_main(args: argparse.Namespace) -> int:
         if ids:
             log.warning("interrupted jobs now %s: %s", state, ", ".join(ids))
 
-    config = {
-        "data_dir": str(data_dir), "model": args.model, "ckpt_dir": str(args.ckpt_dir) if args.ckpt_dir else None,
-        "device": args.device, "dtype": args.dtype, "text_encoder_device": args.text_encoder_device,
-        "attention": args.attention,
-    }  # fmt: skip
+    config = worker_config(args, data_dir)
+    why = check_memory(config)
+    if why:
+        log.info("%s", why)
     supervisor = WorkerSupervisor(store, config, results)
     preset = PRESETS["tiny" if args.model == "tiny" else "t2v-A14B"]
     settings = ServerSettings(

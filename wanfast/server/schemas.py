@@ -36,6 +36,12 @@ class VideoRequest(BaseModel):
     guidance_high_noise: float | None = Field(None, ge=0, le=100)
     guidance_low_noise: float | None = Field(None, ge=0, le=100)
     boundary: float | None = Field(None, ge=0, le=1, description="expert switch, fraction of 1000")
+    cfg_steps: int | None = Field(
+        None, ge=0, le=1000, description="lossy: guidance for the first K steps only (default: every step)"
+    )
+    step_cache_threshold: float | None = Field(
+        None, ge=0, le=10, description="lossy: skip DiT forwards below this input change (0: off)"
+    )
     fps: int | None = Field(None, ge=1, le=120, description="frame rate of the MP4")
 
 

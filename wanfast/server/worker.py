@@ -105,22 +105,43 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def worker_settings(cfg: dict):
+    """The worker's ``EngineSettings`` from its JSON config (``server.cli.worker_config``)."""
+    import torch
+
+    from wanfast.config import EngineSettings, parse_dtype
+
+    device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = parse_dtype(cfg.get("dtype") or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
+    return EngineSettings(
+        device=device,
+        dtype=dtype,
+        vae_dtype=dtype if cfg.get("model") == "tiny" else torch.float32,  # fp32 VAE, as official
+        text_encoder_device=cfg.get("text_encoder_device"),
+        attention_backend=cfg.get("attention") or "auto",
+        self_attention_backend=cfg.get("self_attention"),
+        quant=cfg.get("quant"),
+        offload=cfg.get("offload"),
+        memory_budget_gb=cfg.get("memory_budget_gb"),
+        compile=cfg.get("compile"),
+    )
+
+
 def _load(cfg: dict):
     import torch
 
     from wanfast import attention
     from wanfast.api import load_pipeline, tiny_pipeline
-    from wanfast.config import parse_dtype
 
-    device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(cfg.get("dtype") or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
-    attention.set_backend(cfg.get("attention") or "auto", device)
-    if torch.device(device).type == "cpu":
+    settings = worker_settings(cfg)
+    attention.set_backend(settings.attention_backend, settings.device)
+    if torch.device(settings.device).type == "cpu":
         # leave a core to the web process: an oversubscribed OpenMP pool slows each step many times over
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     if cfg.get("model") == "tiny":
-        return tiny_pipeline(device=device, dtype=dtype, workdir=Path(cfg["data_dir"]) / "tiny-model")
-    return load_pipeline(cfg["ckpt_dir"], device, dtype, "fp32", cfg.get("text_encoder_device"))
+        workdir = Path(cfg["data_dir"]) / "tiny-model"
+        return tiny_pipeline(settings.device, settings.dtype, workdir=workdir, settings=settings)
+    return load_pipeline(cfg["ckpt_dir"], settings=settings)  # a memory budget picks the mode (logged)
 
 
 def _memory(device) -> dict:
@@ -208,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         store.heartbeat(owner, "failed", detail=f"model load failed: {type(e).__name__}: {e}")
         raise
     state = {"name": "ready"}
-    info = {"device": str(pipe.device), "detail": cfg.get("model") or str(cfg.get("ckpt_dir"))}
+    detail = cfg.get("model") or str(cfg.get("ckpt_dir"))
+    if pipe.settings.offload:
+        detail += f" (--offload {pipe.settings.offload})"
+    info = {"device": str(pipe.device), "detail": detail}
 
     def beat(name: str) -> None:
         state["name"] = name
