@@ -178,3 +178,25 @@ def test_quantize_diffusers_layout_matches_official(tiny_official, tiny_diffuser
     b = load_fp8_transformer(tmp_path / "o" / "high_noise_model", "cpu")
     x, t, ctx = dit_inputs()
     assert torch.equal(a(x, t, ctx), b(x, t, ctx))
+
+
+def test_gemm_path_follows_the_run_device_not_where_weights_were_built(monkeypatch):
+    """Offload modes quantise experts on the CPU and move weight storage by ``.data`` (no ``.to()``), so
+    optimize_dit chooses the FP8 GEMM from settings.device; compile likewise (None = on for CUDA)."""
+    import wanfast.accel as accel
+    import wanfast.accel.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "_scaled_mm_capable", lambda device: device.type == "cuda")
+    compiled = []
+    monkeypatch.setattr(accel, "compile_blocks", lambda dit, backend: compiled.append(dit) or len(dit.blocks))
+    monkeypatch.setattr(accel, "choose_attention", lambda settings: "sdpa")
+    torch.manual_seed(0)
+    dit = WanDiT(PRESETS["tiny"].dit).eval()  # built on the CPU
+    settings = EngineSettings(device="cuda", quant="fp8", compile=None)
+    optimize_dit(dit, settings)
+    layers = list(fp8_modules(dit).values())
+    assert layers and all(layer.use_scaled_mm for layer in layers)
+    assert compiled == [dit]
+    dit2 = WanDiT(PRESETS["tiny"].dit).eval()
+    optimize_dit(dit2, replace(settings, device="cpu"))
+    assert not any(layer.use_scaled_mm for layer in fp8_modules(dit2).values()) and compiled == [dit]

@@ -92,8 +92,8 @@ def random_pipeline(
     ``wanfast.accel`` with the switches of ``settings`` (default ``EngineSettings()``); the device and
     dtypes are always the arguments'."""
     settings = replace(settings or EngineSettings(), device=device, dtype=dtype, vae_dtype=vae_dtype)
-    pipe = WanPipeline(
-        random_text_encoder(preset, device, dtype, seed + 3),
+    pipe = WanPipeline(  # --t5-cpu: the text encoder where settings put it
+        random_text_encoder(preset, settings.text_encoder_device or device, dtype, seed + 3),
         random_dit(preset, device, dtype, seed + 1),
         random_dit(preset, device, dtype, seed + 2),
         random_vae(preset, device, vae_dtype, seed + 4),

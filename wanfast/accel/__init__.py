@@ -30,12 +30,13 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from wanfast import attention
 from wanfast.accel.caches import cache_cross_kv, cache_rope, cache_time_embedding, caches_of
 from wanfast.accel.compile import compile_blocks
-from wanfast.accel.fp8 import apply_quant
+from wanfast.accel.fp8 import apply_quant, use_fp8_gemm
 from wanfast.accel.fuse import fuse_projections
 from wanfast.accel.graphs import CUDAGraphDiT
 from wanfast.config import EngineSettings
@@ -50,8 +51,12 @@ def choose_attention(settings: EngineSettings) -> str:
     """Resolve ``settings.attention_backend`` once: an explicit name always wins; "auto" keeps a backend
     already chosen (e.g. by the CLI's --attention) and otherwise picks the preferred available one."""
     if settings.attention_backend != "auto" or attention.active_backend() is None:
-        return attention.set_backend(settings.attention_backend, settings.device)
-    return attention.active_backend()
+        name = attention.set_backend(settings.attention_backend, settings.device)
+    else:
+        name = attention.active_backend()
+    # the DiT self-attention slot (None: follows the backend above); raises if the name is unavailable
+    attention.set_self_attention_backend(settings.self_attention_backend, settings.device)
+    return name
 
 
 def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str = "inductor") -> nn.Module:
@@ -60,7 +65,10 @@ def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str 
     if caches_of(dit) or isinstance(dit, CUDAGraphDiT):
         raise ValueError("this DiT is already optimised; optimize_dit applies to a plain one, once")
     device = next(dit.parameters()).device
-    use_compile = settings.compile if settings.compile is not None else device.type == "cuda"
+    # Decided by where the DiT will run, not where its weights sit now: offload modes build experts on
+    # the CPU and stream them to the GPU.
+    run_on_cuda = torch.device(settings.device).type == "cuda"
+    use_compile = settings.compile if settings.compile is not None else run_on_cuda
     if settings.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs the DiT on a CUDA device, not {device}")
     applied = []
@@ -68,6 +76,7 @@ def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str 
         applied.append(f"fuse_projections ({fuse_projections(dit)} blocks)")
     if settings.quant is not None:
         applied.append(f"quant {settings.quant} ({apply_quant(dit, settings.quant)} linears)")
+        use_fp8_gemm(dit, torch.device(settings.device))  # weights on the CPU until offload streams them
     if settings.cache_rope:
         cache_rope(dit)
         applied.append("cache_rope")
@@ -107,7 +116,9 @@ def optimize_pipeline(pipe, *, compile_backend: str = "inductor"):
     ``pipe.settings``.
     Returns ``pipe`` (its ``experts`` entries replaced by the modules to call)."""
     backend = choose_attention(pipe.settings)
-    log.info("accel: attention backend %s", backend)
+    log.info(
+        "accel: attention backend %s, self-attention %s", backend, attention.active_self_attention_backend()
+    )
     for name, dit in pipe.experts.items():
         pipe.experts[name] = optimize_dit(dit, pipe.settings, compile_backend=compile_backend)
     from wanfast.accel.vae import optimize_vae

@@ -179,6 +179,16 @@ def fp8_modules(dit: nn.Module) -> dict[str, FP8Linear]:
     return {name: m for name, m in dit.named_modules() if isinstance(m, FP8Linear)}
 
 
+def use_fp8_gemm(dit: nn.Module, device: torch.device) -> int:
+    """Choose the FP8 GEMM path for the device the DiT will *run* on. Offload modes build (and quantise)
+    experts on the CPU and move weight storage to the GPU per block or per expert without ``.to()``, so
+    the choice made at construction (CPU: the dequantised reference) would otherwise stick."""
+    layers = fp8_modules(dit).values()
+    for layer in layers:
+        layer.use_scaled_mm = _scaled_mm_capable(device)
+    return len(layers)
+
+
 def parameter_bytes(module: nn.Module) -> int:
     """Bytes of parameters and persistent buffers (what a checkpoint of ``module`` holds)."""
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
