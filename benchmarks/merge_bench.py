@@ -14,7 +14,16 @@ from pathlib import Path
 from wanfast.bench_report import annotate_ratios, format_table
 
 
-def merge(reports: list[dict]) -> dict:
+def merge(reports: list[dict], labels: list[str] | None = None) -> dict:
+    """``labels``: one per report, appended to its wanfast engine names (runs of the same engine name with
+    different settings, e.g. ``default[fp8]`` and ``default[fp8+sage8]``)."""
+    if labels:
+        for rep, label in zip(reports, labels, strict=True):
+            for r in rep["measurements"]:
+                r["engine"] = f"{r['engine']}[{label}]" if r["impl"] == "wanfast" else r["engine"]
+            rep["config"]["compare"] = [f"{c}[{label}]" for c in rep["config"]["compare"]]
+            for e in rep["engines"]:
+                e["name"] = f"{e['name']}[{label}]" if e["impl"] == "wanfast" else e["name"]
     records = [dict(r, run=i) for i, rep in enumerate(reports) for r in rep["measurements"]]
     for r in records:
         r.pop("vs_diffusers", None), r.pop("memory_vs_diffusers", None), r.pop("vs_first", None)
@@ -39,8 +48,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reports", nargs="+", type=Path)
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--labels", help="comma-separated, one per report, appended to its wanfast engine names")
     args = ap.parse_args()
-    merged = merge([json.loads(p.read_text()) for p in args.reports])
+    labels = args.labels.split(",") if args.labels else None
+    merged = merge([json.loads(p.read_text()) for p in args.reports], labels)
     print(format_table(merged))
     args.json.write_text(json.dumps(merged, indent=1))
 
