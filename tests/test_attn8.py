@@ -8,6 +8,9 @@ What runs where:
   one ulp) and its fp8 and bf16 ``tl.dot`` return garbage (errors of 1e10 measured), so such a test would
   test the interpreter. Those paths are checked against the reference by the CUDA-only test below and by
   ``benchmarks/attn8_gpu.py`` (accuracy vs exact attention at real size);
+- every precision variant compiled ahead of time for sm_90 (Triton's CUDA backend needs no GPU for
+  that): the FP8 paths' first GPU run failed in compilation (a masked fp8 load with an int ``other``),
+  which this catches on the CPU; the PTX must use Hopper's wgmma with the intended operand types;
 - the registry: lossy, never "auto", the self-attention slot serves self-attention only.
 """
 
@@ -143,6 +146,35 @@ def test_triton_kernel_in_the_cpu_interpreter_matches_the_reference():
                          timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "worst" in res.stdout
+
+
+@pytest.mark.parametrize("qk,pv", [("fp8", "fp8"), ("fp8", "bf16"), ("int8", "fp8"), ("int8", "bf16")])
+def test_every_variant_compiles_for_hopper_with_wgmma(qk, pv):
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from wanfast.kernels import attn8
+
+    qk_t = "*fp8e4nv" if qk == "fp8" else "*i8"
+    ptrs = {"Q8": qk_t, "K8": qk_t, "V": "*fp8e4nv" if pv == "fp8" else "*bf16", "QS": "*fp32",
+            "KS": "*fp32", "VS": "*fp32", "Out": "*bf16"}  # fmt: skip
+    const = dict(D=128, SBLK=64, INT8=qk == "int8", PV_FP8=pv == "fp8", PV_FP32=False, INTERPRET=False)
+    fn = attn8._attn8_kernel
+    for block_m, block_n, warps, stages in {attn8.CONFIGS[0], attn8.CONFIGS[-1]}:
+        consts = dict(const, BLOCK_M=block_m, BLOCK_N=block_n)
+        sig = {
+            p: "constexpr" if p in consts else ptrs.get(p, "i32") for p in inspect.signature(fn.fn).parameters
+        }
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+        ptx = kernel.asm["ptx"]
+        qk_op = ".e4m3.e4m3" if qk == "fp8" else ".s32.s8.s8"
+        pv_op = ".e4m3.e4m3" if pv == "fp8" else ".bf16.bf16"
+        assert any(qk_op in line for line in ptx.splitlines() if "wgmma.mma_async" in line), (qk, pv)
+        assert any(pv_op in line for line in ptx.splitlines() if "wgmma.mma_async" in line), (qk, pv)
 
 
 def test_fp8_kernel_on_hopper_matches_the_reference():

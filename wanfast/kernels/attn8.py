@@ -190,7 +190,7 @@ if triton is not None:
         # one key block [start, start + BLOCK_N) of the online softmax; returns the updated (acc, m, l)
         n = start + offs_n
         if MASK:
-            k = tl.load(K8 + kbase + n[None, :] * skl + d[:, None], mask=n[None, :] < Lk, other=0)
+            k = tl.load(K8 + kbase + n[None, :] * skl + d[:, None], mask=n[None, :] < Lk, other=0.0)
             ks = tl.load(KS + n // SBLK, mask=n < Lk, other=0.0)
         else:
             k = tl.load(K8 + kbase + n[None, :] * skl + d[:, None])  # [D, BLOCK_N]
@@ -235,7 +235,7 @@ if triton is not None:
         d = tl.arange(0, D)
         offs_n = tl.arange(0, BLOCK_N)
         q = tl.load(Q8 + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sql + d[None, :],
-                    mask=rows[:, None] < Lq, other=0)  # fmt: skip
+                    mask=rows[:, None] < Lq, other=0.0)  # fmt: skip
         qs = tl.load(QS + bh * nqb + rows // SBLK, mask=rows < Lq, other=0.0)  # incl. log2(e)/sqrt(D)
         kbase = b.to(tl.int64) * skb + h * skh
         vbase = b.to(tl.int64) * svb + h * svh
