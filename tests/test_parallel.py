@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from helpers import rel_err
 from safetensors.torch import load_file
 
+from wanfast.accel.compile import compile_blocks
 from wanfast.api import load_pipeline
 from wanfast.config import PRESETS, EngineSettings
 from wanfast.parallel.vae import parallel_decode, ramp, tiles
@@ -29,7 +30,7 @@ from wanfast.testing import write_official_checkpoint
 STEPS, SEED, PROMPT = 2, 5, "a cat"  # timesteps 999, 833: one step of each expert
 SIZES = {27: (48, 48), 36: (64, 48)}  # tokens -> (width, height); grid (3, 3, 3) and (3, 3, 4)
 CASES = {  # world size -> [(name, cfg_parallel, ulysses, tokens)]
-    2: [("u2-27", False, 2, 27), ("cfg2-36", True, 1, 36)],
+    2: [("u2-27", False, 2, 27), ("cfg2-36", True, 1, 36), ("u2-27-compiled", False, 2, 27)],
     4: [("u4-27", False, 4, 27), ("cfg2xu2-36", True, 2, 36)],
 }
 VAE_LATENTS = (1, 16, 2, 8, 40)  # split along w = 40 latent columns
@@ -64,11 +65,22 @@ def _worker(rank: int, world: int, port: int, folder: Path, out: Path) -> None:
     try:
         for name, cfg_parallel, ulysses, tokens in CASES[world]:
             pipe = _pipe(folder, cfg_parallel=cfg_parallel, ulysses=ulysses)
-            seen = []  # (tokens this rank's cross-attention saw) per DiT forward: proves the split happened
+            seen = []  # (tokens this rank's head saw) per DiT forward: proves the split happened
             for dit in pipe.experts.values():
-                dit.blocks[0].cross_attn.register_forward_pre_hook(_recorder(seen))
+                dit.head.register_forward_pre_hook(_recorder(seen))
+            compiled = name.endswith("-compiled")
+            ops = set()  # call targets in the traced block graphs
+
+            def record(gm, inputs, ops=ops):
+                ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+                return gm.forward
+
+            if compiled:  # regional compile as accel applies it, traced by Dynamo (fullgraph: no breaks)
+                torch._dynamo.reset()
+                for dit in pipe.experts.values():
+                    compile_blocks(dit, backend=record)
             res = pipe.generate(PROMPT, size=SIZES[tokens], steps=STEPS, seed=SEED)
-            saved = {"latents": res.latents, "frames": res.frames, "seen": seen}
+            saved = {"latents": res.latents, "frames": res.frames, "seen": seen, "ops": sorted(ops)}
             torch.save(saved, out / f"{name}-{rank}.pt")
         z = torch.randn(VAE_LATENTS, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
@@ -111,6 +123,8 @@ def test_split_runs_match_single_process(spawned, reference):
             # one DiT pass per step under CFG-parallel (two otherwise), on ceil(L / ulysses) tokens
             local = -(-tokens // ulysses)
             assert got["seen"] == [local] * STEPS * (1 if cfg_parallel else 2), (name, got["seen"])
+            if name.endswith("-compiled"):  # the all-to-alls sit in one opaque op inside the block graph
+                assert "wanfast.ulysses_self_attention.default" in got["ops"], got["ops"]
             err = rel_err(got["latents"], ref.latents)
             assert err <= 1e-5, f"{name} rank {rank}: rel err {err:.2e}"
             # frames come from the tiled decode: 8 latent columns, overlap 8, so every tile is the whole frame

@@ -30,11 +30,12 @@ def wanted(settings: EngineSettings) -> bool:
 
 
 def parallel_settings(settings: EngineSettings) -> EngineSettings:
-    """Settings to optimise with before ``parallelize``: the Ulysses collectives live inside each block,
-    which regional compile (fullgraph) and CUDA graphs cannot hold, so those two are turned off."""
-    if settings.ulysses > 1 and (settings.compile or settings.cuda_graphs):
-        log.warning("parallel: compile and cuda_graphs are off under Ulysses (collectives inside blocks)")
-    return replace(settings, compile=False, cuda_graphs=False) if settings.ulysses > 1 else settings
+    """Settings to optimise with before ``parallelize``. Regional compile stays on: the Ulysses
+    collectives run inside one opaque custom op (``ulysses.py``), so the blocks still trace as one graph.
+    CUDA graphs are turned off under Ulysses (they would capture the all-to-alls; not measured)."""
+    if settings.ulysses > 1 and settings.cuda_graphs:
+        log.warning("parallel: cuda_graphs are off under Ulysses (collectives inside the captured step)")
+    return replace(settings, cuda_graphs=False) if settings.ulysses > 1 else settings
 
 
 def parallelize(pipe):

@@ -16,9 +16,12 @@ everything else             (time/text embeddings, modulation,   replicated or t
 ==========================  ===================================  ==============================================
 
 The model's own forward runs unchanged: the splits are forward hooks, RoPE is an instance attribute over
-``dit.rope`` (as ``wanfast.accel``'s cache), and the all-to-all wraps the active attention backend for the
-duration of each self-attention module's call (cross-attention calls pass straight through). Gathering
-after the head moves prod(patch)*out_dim = 64 channels per token instead of dim = 5120.
+``dit.rope`` (as ``wanfast.accel``'s cache), and the all-to-all lives in the attention registry's
+self-attention slot (cross-attention and the VAE use the default slot and pass straight through). That
+slot holds one torch custom op, ``wanfast::ulysses_self_attention``, which regional ``torch.compile``
+(fullgraph) sees as a single opaque node: the collectives run eagerly inside it, so the compiled blocks
+keep their fusions under Ulysses. Gathering after the head moves prod(patch)*out_dim = 64 channels per
+token instead of dim = 5120.
 """
 
 from __future__ import annotations
@@ -31,9 +34,24 @@ from torch import Tensor, nn
 from wanfast import attention
 
 _PREFIX = "ulysses+"
-_ACTIVE: list[
-    UlyssesPlan
-] = []  # the plan whose self-attention is running (a stack: never nested in practice)
+# The plan of the DiT whose forward is running: set by its patch-embedding hook, cleared by its head hook
+# (both outside the compiled blocks). One slot: forwards never nest.
+_CURRENT: list[UlyssesPlan | None] = [None]
+_INNER: dict[str, object] = {}  # "fn": the self-attention kernel the op wraps, "name": its registry name
+
+
+@torch.library.custom_op("wanfast::ulysses_self_attention", mutates_args=())
+def _ulysses_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # q, k, v [B, l, H, D] (this rank's tokens) -> [B, l, H, D]; outside a Ulysses forward: the kernel
+    plan, inner = _CURRENT[0], _INNER["fn"]
+    out = plan.attend(inner, q, k, v) if plan is not None else inner(q, k, v)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.contiguous()
+
+
+@_ulysses_self_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 class UlyssesPlan:
@@ -59,6 +77,8 @@ class UlyssesPlan:
     # --- the split / gather points ---------------------------------------------------------------
     def split_tokens(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         # out [B, C, f, h, w] -> [B, C, l, 1, 1]: the model's flatten(2).transpose(1, 2) gives [B, l, C]
+        _install_backend(out.device)
+        _CURRENT[0] = self
         tokens = out.flatten(2)
         self.seq_len = tokens.shape[2]
         return self.shard(tokens, 2)[..., None, None]
@@ -72,6 +92,7 @@ class UlyssesPlan:
 
     def gather_tokens(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         # out [B, l, P] -> [B, L, P]: every rank gets the whole prediction (unpatchify needs the full grid)
+        _CURRENT[0] = None
         parts = [torch.empty_like(out) for _ in range(self.n)]
         dist.all_gather(parts, out.contiguous(), group=self.group)
         return torch.cat(parts, 1)[:, : self.seq_len]
@@ -100,44 +121,28 @@ class UlyssesPlan:
         k, v = k[:, : self.seq_len], v[:, : self.seq_len]
         return self.to_tokens(inner(q, k, v))
 
-    def enter(self, module: nn.Module, args: tuple) -> None:
-        _install_backend(args[0].device)
-        _ACTIVE.append(self)
-
-    def leave(self, module: nn.Module, args: tuple, out: Tensor) -> None:
-        _ACTIVE.pop()
 
 
 def _install_backend(device: torch.device) -> None:
-    """Make the active attention backend the Ulysses-aware wrapper of itself (once per process; again if
-    something chose another backend since)."""
-    name = attention.active_backend() or attention.set_backend("auto", device)
-    if not name.startswith(_PREFIX):
-        attention.register_backend(_PREFIX + name, _wrapper(attention._active[1]), lambda: True)
-        attention.set_backend(_PREFIX + name)
-    # a separate self-attention backend (EngineSettings.self_attention_backend) is wrapped the same way
-    own = attention._self_active
-    if own is not None and not own[0].startswith(_PREFIX):
-        attention.register_backend(_PREFIX + own[0], _wrapper(own[1]), lambda: True)
-        attention.set_self_attention_backend(_PREFIX + own[0])
-
-
-def _wrapper(inner):
-    """A factory of the Ulysses-aware version of ``inner`` (a built backend function)."""
-
-    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return _ACTIVE[-1].attend(inner, q, k, v) if _ACTIVE else inner(q, k, v)
-
-    return lambda: fn
+    """Put the Ulysses op in the self-attention slot, around the kernel that slot would use (once per
+    process; again if something chose another backend since, e.g. another pipeline's ``choose_attention``)."""
+    if attention.active_backend() is None:
+        attention.set_backend("auto", device)
+    name = attention.active_self_attention_backend()
+    if name.startswith(_PREFIX):
+        return
+    own = attention._self_active  # the slot's kernel, else the default backend's
+    _INNER.update(fn=(own or attention._active)[1], name=name)
+    attention.register_backend(_PREFIX + name, lambda: _ulysses_self_attention, lambda: True)
+    attention.set_self_attention_backend(_PREFIX + name)
 
 
 def apply_ulysses(dit: nn.Module, group: dist.ProcessGroup) -> UlyssesPlan:
-    """Install the plan onto a built (optionally ``wanfast.accel``-optimised, uncompiled) WanDiT."""
+    """Install the plan onto a built (optionally ``wanfast.accel``-optimised, also regionally compiled:
+    the blocks are traced at their first call, after this) WanDiT."""
     plan = UlyssesPlan(group, dit.cfg.num_heads)
     dit.patch_embedding.register_forward_hook(plan.split_tokens)
     dit.rope = plan.split_rope(dit.rope)  # wraps the RoPE cache when there is one
-    for block in dit.blocks:
-        block.self_attn.register_forward_pre_hook(plan.enter)
-        block.self_attn.register_forward_hook(plan.leave, always_call=True)
+    _install_backend(next(dit.parameters()).device)
     dit.head.register_forward_hook(plan.gather_tokens)
     return plan
