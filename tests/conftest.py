@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+import wanfast.api
 from wanfast.config import PRESETS
 from wanfast.testing import write_diffusers_checkpoint, write_official_checkpoint
 
@@ -16,3 +17,14 @@ def tiny_official(tmp_path_factory):
 def tiny_diffusers(tmp_path_factory):
     """The same weights as ``tiny_official``, in the Diffusers layout."""
     return write_diffusers_checkpoint(tmp_path_factory.mktemp("diffusers"), PRESETS["tiny"], seed=7)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if anything tries to load or build models (checks that must come first)."""
+
+    def boom(*a, **k):
+        raise AssertionError("models were loaded for an invalid request")
+
+    monkeypatch.setattr(wanfast.api, "load_pipeline", boom)
+    monkeypatch.setattr(wanfast.api, "tiny_pipeline", boom)

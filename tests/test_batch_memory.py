@@ -27,15 +27,6 @@ from wanfast.video import read_mp4
 SMALL = ["--size", "32x32", "--frames", "5", "--steps", "1", "--device", "cpu", "--dtype", "fp32"]
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("models were loaded for an invalid request")
-
-    monkeypatch.setattr(wanfast.api, "load_pipeline", boom)
-    monkeypatch.setattr(wanfast.api, "tiny_pipeline", boom)
-
-
 def write_lines(path, *entries) -> str:
     path.write_text("\n".join(e if isinstance(e, str) else json.dumps(e) for e in entries) + "\n")
     return str(path)

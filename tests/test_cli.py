@@ -17,17 +17,6 @@ from wanfast.cli import main
 from wanfast.video import read_mp4
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if anything tries to load or build models."""
-
-    def boom(*a, **k):
-        raise AssertionError("models were loaded for an invalid request")
-
-    monkeypatch.setattr(wanfast.api, "load_pipeline", boom)
-    monkeypatch.setattr(wanfast.api, "tiny_pipeline", boom)
-
-
 def test_tiny_demo_writes_mp4_latents_and_summary(tmp_path, capsys):
     out, lat = tmp_path / "cat.mp4", tmp_path / "cat.safetensors"
     argv = [
