@@ -122,7 +122,6 @@ class UlyssesPlan:
         return self.to_tokens(inner(q, k, v))
 
 
-
 def _install_backend(device: torch.device) -> None:
     """Put the Ulysses op in the self-attention slot, around the kernel that slot would use (once per
     process; again if something chose another backend since, e.g. another pipeline's ``choose_attention``)."""
