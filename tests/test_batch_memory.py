@@ -16,7 +16,7 @@ import wanfast.pipeline
 from wanfast.accel.offload import MemoryBudgetError, estimate_memory, weight_sizes
 from wanfast.api import GiB, load_pipeline, model_preset, plan_memory
 from wanfast.cli import build_parser, engine_settings, main
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import PRESETS, EngineSettings, SamplingParams
 from wanfast.loading.layout import detect_layout
 from wanfast.server.cli import check_memory, worker_config
 from wanfast.server.schemas import VideoRequest, validate_request
@@ -300,9 +300,46 @@ def test_serve_flags_reach_the_worker_settings(tmp_path):
     assert (s.self_attention_backend, s.compile, s.device, s.dtype) == ("sage8", False, "cpu", torch.float32)
     plain = worker_settings(worker_config(build_parser().parse_args(["serve", "--model", "tiny"]), tmp_path))
     assert (plain.quant, plain.offload, plain.memory_budget_gb, plain.compile) == (None, None, None, None)
-    assert "-> --offload blocks (asked for, fits)" in check_memory(cfg)
+    why, fits = check_memory(cfg)
+    assert "-> --offload blocks (asked for, fits)" in why
     with pytest.raises(MemoryBudgetError, match="--offload blocks does not fit"):
         check_memory({**cfg, "memory_budget_gb": 1e-6})
+
+
+def test_serve_rejects_a_request_its_budget_cannot_hold_before_queueing(tmp_path):
+    """The worker plans its mode for the default request; a larger one is a 422 at submission (naming
+    the mode that would fit), not an out-of-memory failure in the worker."""
+    from fastapi.testclient import TestClient
+
+    from wanfast.accel.offload import estimate_memory
+    from wanfast.server.app import ServerSettings, create_app
+    from wanfast.server.jobs import JobStore
+
+    tiny = PRESETS["tiny"]
+    d = tiny.defaults
+    kw = dict(dtype=torch.float32, text_encoder_on_device=True)
+    resident = estimate_memory(tiny, d.size, d.frames, None, **kw)
+    big = (d.size[0] * 4, d.size[1] * 4)
+    assert estimate_memory(tiny, big, d.frames, None, **kw) > resident  # activations grow with the size
+    budget = (resident + 1) / 2**30  # resident just fits the default request
+    args = build_parser().parse_args(
+        ["serve", "--model", "tiny", "--device", "cpu", "--memory-budget", str(budget)]
+    )
+    why, fits = check_memory(worker_config(args, tmp_path))
+    assert "-> resident (the fastest that fits)" in why
+    fits(SamplingParams("a cat", width=d.size[0], height=d.size[1], frames=d.frames))  # the default fits
+    with pytest.raises(MemoryBudgetError, match=rf"{big[0]}x{big[1]} x {d.frames} frames does not fit"):
+        fits(SamplingParams("a cat", width=big[0], height=big[1], frames=d.frames))
+    store = JobStore(tmp_path / "jobs.db")
+    app = create_app(store, ServerSettings(results_dir=tmp_path, defaults=d, fits=fits))
+    with TestClient(app) as client:
+        ok = client.post("/v1/videos", json={"prompt": "a cat"})
+        too_big = client.post("/v1/videos", json={"prompt": "a cat", "size": f"{big[0]}x{big[1]}"})
+    assert ok.status_code == 202
+    assert (
+        too_big.status_code == 422 and "does not fit this server's memory budget" in too_big.json()["detail"]
+    )
+    assert store.list()[1] == 1  # only the one that fits was queued
 
 
 def test_job_body_accepts_cfg_steps_and_step_cache_threshold():

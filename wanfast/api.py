@@ -65,9 +65,8 @@ def plan_memory(
     if not settings.memory_budget_gb > 0:
         raise ConfigError(f"the memory budget must be > 0 GiB, got {settings.memory_budget_gb!r}")
     budget = int(settings.memory_budget_gb * GiB)
-    te = settings.text_encoder_device
-    te_on_device = te is None or torch.device(te) == torch.device(settings.device)
-    kw = dict(dtype=settings.dtype, text_encoder_on_device=te_on_device, quant=settings.quant)
+    kw = _estimate_kw(settings)
+    te, te_on_device = settings.text_encoder_device, kw["text_encoder_on_device"]
     w, h, frames = max(sizes, key=lambda s: activation_bytes(preset, (s[0], s[1]), s[2]))
     need = {m: estimate_memory(preset, (w, h), frames, m, **kw) for m in (None, *MODES)}
     label = {None: "resident", "expert": "--offload expert", "blocks": "--offload blocks"}
@@ -101,6 +100,33 @@ def plan_memory(
             mode = offload_fits[0]
             why = f"resident fits once FP8 but loading the bf16 checkpoint needs ~{_fmt(load_peak)}"
     return replace(settings, offload=mode), f"{head}: {what} -> {label[mode]} ({why})"
+
+
+def _estimate_kw(settings: EngineSettings) -> dict:
+    """``estimate_memory`` keywords for what ``settings`` put on the device."""
+    te = settings.text_encoder_device
+    te_on_device = te is None or torch.device(te) == torch.device(settings.device)
+    return dict(dtype=settings.dtype, text_encoder_on_device=te_on_device, quant=settings.quant)
+
+
+def check_request_fits(
+    settings: EngineSettings, preset: ModelPreset, width: int, height: int, frames: int
+) -> None:
+    """For a process already running in ``settings.offload``'s mode under ``settings.memory_budget_gb``
+    (the server's worker): raise ``MemoryBudgetError`` when one request of this size would not fit, naming
+    the mode that would. No budget: nothing to check."""
+    from wanfast.accel.offload import MemoryBudgetError, choose_mode
+
+    if settings.memory_budget_gb is None:
+        return
+    budget = int(settings.memory_budget_gb * GiB)
+    try:
+        choose_mode(preset, (width, height), frames, budget, settings.offload, **_estimate_kw(settings))
+    except MemoryBudgetError as e:
+        raise MemoryBudgetError(
+            f"{width}x{height} x {frames} frames does not fit this server's memory budget "
+            f"({settings.memory_budget_gb:g} GiB): {e}"
+        ) from None
 
 
 def enforce_memory_budget(settings: EngineSettings) -> float | None:

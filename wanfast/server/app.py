@@ -23,7 +23,7 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from wanfast.config import SamplingDefaults
+from wanfast.config import SamplingDefaults, SamplingParams
 from wanfast.server.jobs import STATES, TERMINAL, JobStore, QueueFull
 from wanfast.server.page import PAGE
 from wanfast.server.schemas import Health, VideoJob, VideoList, VideoRequest, validate_request
@@ -42,6 +42,8 @@ class ServerSettings:
     max_prompt_chars: int = 2000
     max_body_bytes: int = 64 * 1024
     worker_alive: Callable[[], bool] = lambda: True
+    # raises ValueError (-> 422) for a request the worker's memory budget cannot hold (server/cli.py)
+    fits: Callable[[SamplingParams], None] = lambda params: None
 
 
 def _json_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -145,10 +147,12 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         req: VideoRequest,
         idempotency_key: str | None = Header(None, max_length=200, description="retry-safe submission"),
     ) -> VideoJob:
-        """Queue a video. 202 with the job; 429 when the queue is full; 422 for invalid parameters.
+        """Queue a video. 202 with the job; 429 when the queue is full; 422 for invalid parameters (and for
+        a size the server's memory budget cannot hold).
         A repeated ``Idempotency-Key`` returns the job it first created instead of a new one."""
         try:
             request, params = validate_request(req, settings.defaults, settings.max_prompt_chars)
+            settings.fits(params)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         try:

@@ -9,10 +9,11 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from wanfast.cli import add_engine_memory_flags, add_model_source
-from wanfast.config import PRESETS, ConfigError
+from wanfast.config import PRESETS, ConfigError, SamplingParams
 
 log = logging.getLogger("wanfast.server")
 
@@ -76,18 +77,24 @@ def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
     }  # fmt: skip
 
 
-def check_memory(config: dict) -> str | None:
+def check_memory(config: dict) -> tuple[str | None, Callable[[SamplingParams], None]]:
     """With a memory budget, the mode the worker will pick for the model's default request (raises
-    ``MemoryBudgetError`` now rather than in a worker restart loop); the reason, or None."""
+    ``MemoryBudgetError`` now rather than in a worker restart loop): (the reason, or None; a check that
+    rejects a request too large for that mode and budget before it is queued)."""
     if config["memory_budget_gb"] is None:
-        return None
-    from wanfast.api import model_preset, plan_memory
+        return None, lambda params: None
+    from wanfast.api import check_request_fits, model_preset, plan_memory
     from wanfast.loading.layout import detect_layout
     from wanfast.server.worker import worker_settings
 
     preset, fp8 = model_preset(detect_layout(config["ckpt_dir"]) if config["ckpt_dir"] else None)
     d = preset.defaults
-    return plan_memory(worker_settings(config), preset, [(*d.size, d.frames)], fp8)[1]
+    planned, why = plan_memory(worker_settings(config), preset, [(*d.size, d.frames)], fp8)
+
+    def fits(params: SamplingParams) -> None:
+        check_request_fits(planned, preset, params.width, params.height, params.frames)
+
+    return why, fits
 
 
 def _exit_cleanly(signum: int, frame) -> None:
@@ -125,7 +132,7 @@ def serve_main(args: argparse.Namespace) -> int:
             log.warning("interrupted jobs now %s: %s", state, ", ".join(ids))
 
     config = worker_config(args, data_dir)
-    why = check_memory(config)
+    why, fits = check_memory(config)
     if why:
         log.info("%s", why)
     supervisor = WorkerSupervisor(store, config, results)
@@ -133,6 +140,7 @@ def serve_main(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         results_dir=results, defaults=preset.defaults, queue_size=args.queue_size, api_key=api_key,
         max_prompt_chars=args.max_prompt_chars, max_body_bytes=args.max_body_bytes, worker_alive=supervisor.alive,
+        fits=fits,
     )  # fmt: skip
     # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again: let that end in `finally` below,
     # which stops the worker and re-queues its job, rather than in the default handler's abrupt exit
