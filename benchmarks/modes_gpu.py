@@ -13,6 +13,12 @@
   Euler, shift 5), all resident, EngineSettings() defaults: a cold generation (compiles) then a warm one.
   A merged LoRA changes weight values only, so random weights time it exactly.
 
+- ``stepcache``: 832x480x81, 8 steps, all resident, defaults: thresholds 0 (off), 0.05, 0.2 and 1e9 (skip
+  all but the forced first/last forward of each expert and branch): denoise time, forwards computed and
+  skipped (``GenerationResult.forwards``), final-latent relative error vs threshold 0, and the cost of a
+  skipped forward (from the 1e9 run: (denoise - computed x the forward time of the 0 run) / skipped).
+  Random weights say nothing about real skip rates: this times the mechanism, not the quality.
+
 Each part writes its record into the JSON as soon as it ends; a part that would start after
 ``--deadline`` seconds is recorded as skipped (the device call has a hard limit).
 """
@@ -36,6 +42,7 @@ RESIDENT_STEP_S = 20.107  # median step, 40-step 720p run, all resident (see the
 RESIDENT_TOTAL_S = 806.32
 RESIDENT_PEAK_GIB = 76.45
 SIZE = {"t2v-A14B": ((1280, 720), 81), "tiny": ((64, 48), 5)}
+STEPCACHE_SIZE = {"t2v-A14B": ((832, 480), 81), "tiny": ((64, 48), 5)}
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 PROMPT = "a red fox trotting through fresh snow in a pine forest at dawn, cinematic, slow motion"
 
@@ -125,6 +132,30 @@ def lightning_part(preset, device: str) -> dict:
             "cold": cold, "warm": warm, "target_s": 60.0, "meets_target_warm": warm["total_s"] <= 60.0}  # fmt: skip
 
 
+def stepcache_part(preset, device: str) -> dict:
+    pipe = random_pipeline(
+        preset, device, DTYPE[device], DTYPE[device], settings=EngineSettings(device=device)
+    )
+    size, frames = STEPCACHE_SIZE[preset.name]
+    base = pipe.params(PROMPT, size=size, frames=frames, steps=8)
+    timed_run(pipe, base.with_(steps=2))  # warm-up: compiles
+    rows, ref = {}, None
+    for threshold in (0.0, 0.05, 0.2, 1e9):
+        params = base.with_(step_cache_threshold=threshold)
+        result = pipe.run(params)  # a second pass for the latents: timed_run does not keep them
+        run = timed_run(pipe, params)
+        ref = result.latents if ref is None else ref
+        err = float((result.latents - ref).norm() / ref.norm())
+        rows[str(threshold)] = {**run, "forwards": result.forwards, "latent_rel_err_vs_off": err}
+    off, all_ = rows["0.0"], rows["1000000000.0"]
+    per_forward = off["timings_s"]["denoise"] / off["forwards"]["computed"]
+    skipped = all_["forwards"]["skipped"]
+    cost = (all_["timings_s"]["denoise"] - all_["forwards"]["computed"] * per_forward) / max(skipped, 1)
+    del pipe
+    return {"size": f"{size[0]}x{size[1]}", "frames": frames, "steps": 8, "runs": rows,
+            "computed_forward_s": round(per_forward, 4), "skipped_forward_s": round(cost, 4)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -149,6 +180,8 @@ def main() -> None:
                 with torch.inference_mode():
                     if part == "lightning":
                         row = lightning_part(preset, dev)
+                    elif part == "stepcache":
+                        row = stepcache_part(preset, dev)
                     else:
                         row = budget_part(preset, float(part[6:]), dev)
             except Exception as e:  # record and go on: the next part may still run
