@@ -281,7 +281,9 @@ def generate(args: argparse.Namespace) -> int:
         if params is not None and args.boundary is None and pipe.defaults.boundary != params.boundary:
             params = params.with_(boundary=pipe.defaults.boundary)  # the checkpoint's own boundary
     if rank == 0:
-        print(f"attention backend: {attention.active_backend()}", file=sys.stderr)
+        own = attention.active_self_attention_backend()
+        extra = f", self-attention {own}" if own != attention.active_backend() else ""
+        print(f"attention backend: {attention.active_backend()}{extra}", file=sys.stderr)
 
     def progress_for(p: SamplingParams):
         if args.no_progress or rank != 0:
