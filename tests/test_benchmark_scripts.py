@@ -34,3 +34,46 @@ def test_modes_script_runs_every_part_on_the_tiny_model(tmp_path):
     ]  # only the forced forwards: first call per expert/branch, last step
     assert never["computed"] + never["skipped"] == 16 and never["skipped"] > 0
     assert runs["0.0"]["latent_rel_err_vs_off"] == 0.0 and runs["1000000000.0"]["latent_rel_err_vs_off"] > 0
+
+
+def test_multigpu_script_runs_split_under_torchrun(tmp_path):
+    """benchmarks/multigpu_gpu.py under torchrun with 2 gloo processes (Ulysses 2) and alone: the same
+    request gives the same per-expert step counts; every timing is there."""
+    import socket
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    common = ["--model", "tiny", "--device", "cpu", "--sizes", "64x48", "--steps", "3", "--repeats", "1"]
+    script = str(ROOT / "benchmarks" / "multigpu_gpu.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {
+        "u2": [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), script, "--split", "u2"],
+        "one": [sys.executable, script, "--split", "one"],
+    }  # fmt: skip
+    rows = {}
+    for split, cmd in runs.items():
+        out = tmp_path / f"{split}.json"
+        proc = subprocess.run(
+            [*cmd, *common, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(out.read_text())
+        assert (res["split"], res["world"]) == (split, 2 if split == "u2" else 1)
+        rows[split] = res["sizes"]["64x48"]
+    for row in rows.values():
+        assert (
+            row["forward_s"] > 0 and row["step_s"] > 0 and row["generate_s"] > 0 and row["generate"]["finite"]
+        )
+    assert rows["u2"]["generate"]["steps_per_expert"] == rows["one"]["generate"]["steps_per_expert"]
+
+
+def test_multigpu_script_refuses_a_split_that_does_not_fit_the_launch(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multigpu_gpu.py"), "--split", "cfg2", "--out", str(tmp_path / "x"),
+           "--model", "tiny", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and "needs cfg (2) x ulysses (1) = 2 processes" in proc.stderr, proc.stderr[
+        -2000:
+    ]

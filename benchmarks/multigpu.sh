@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue #6 on an nvidia-h200-x2/x4/x8 machine: every split that fits N GPUs, forward + step at 832x480 and
+# 1280x720 (81 frames), and the 40-step generation per split (detached when it may pass one call).
+#   bash benchmarks/multigpu.sh N COMMIT [STEPS]        # results under $OUT/multigpu_<split>.json
+# NVLink multicast stays off (KINDS.md): these three variables are exported for every process.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+n=$1
+export WANFAST_COMMIT=$2 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+steps=${3:-40}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+python3 -c 'import torch; print(torch.cuda.device_count(), "GPUs")'
+declare -A procs=([one]=1 [cfg2]=2 [u2]=2 [cfg2xu2]=4 [u4]=4 [cfg2xu4]=8 [u8]=8)
+for split in one cfg2 u2 cfg2xu2 u4 cfg2xu4 u8; do
+    p=${procs[$split]}
+    [ "$p" -le "$n" ] || continue
+    what=forward,step,generate
+    [ "$split" = one ] && what=forward,step  # one GPU, 40 steps at 720p: 806 s measured (BENCHMARKS.md)
+    torchrun --nproc-per-node "$p" --master-port $((29500 + p)) benchmarks/multigpu_gpu.py --split "$split" \
+        --out "$out/multigpu_$split.json" --steps "$steps" --what "$what" 2>&1 | grep -v "^W\|OMP_NUM" | tail -n 4
+done
