@@ -2,6 +2,9 @@
 # Issue #6 on an nvidia-h200-x2/x4/x8 machine: every split that fits N GPUs, forward + step at 832x480 and
 # 1280x720 (81 frames), and the 40-step generation per split (detached when it may pass one call).
 #   bash benchmarks/multigpu.sh N COMMIT [STEPS]        # results under $OUT/multigpu_<split>.json
+# The whole set passes one device call (10 min) at 40 steps: run it detached and poll, e.g.
+#   OUT=/tmp/wf/mg bash benchmarks/detached.sh start mg -- bash benchmarks/multigpu.sh 2 abc1234
+#   bash benchmarks/detached.sh wait mg 580      # again at once until it says finished
 # NVLink multicast stays off (KINDS.md): these three variables are exported for every process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
