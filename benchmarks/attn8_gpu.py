@@ -83,6 +83,16 @@ def backends() -> dict:
             break
         except Exception as e:  # noqa: BLE001
             found["flash3"] = f"{type(e).__name__}: {e}"
+    try:  # FA3's e4m3 kernel with wanfast's per-head quantisation and K smoothing (kernels/fp8_attention.py)
+        from wanfast.kernels import fp8_attention
+
+        found["fa3-fp8"] = fp8_attention.load()  # eager: the quantisation as separate torch ops
+        # as inside the DiT's compiled block: inductor fuses the quantisation into a few passes
+        found["fa3-fp8-compiled"] = torch.compile(
+            fp8_attention.fa3_fp8_attention, fullgraph=True, dynamic=False
+        )
+    except Exception as e:  # noqa: BLE001
+        found["fa3-fp8"] = f"{type(e).__name__}: {e}"
     try:
         from sageattention import sageattn
 

@@ -10,7 +10,9 @@ Backends:
   forward-only ``fa3-fwd`` wheel, the ``hopper`` extra), ``flash2`` (``flash_attn``), when importable;
 - ``sage`` (SageAttention, ``sageattention``): quantised, so lossy. Only ever used when named explicitly;
 - ``sage8`` (FP8 Q/K and FP8 P/V), ``sage8-pv16`` (FP8 Q/K, bf16 P/V), ``sage8-int8`` (INT8 Q/K, FP8 P/V):
-  wanfast's own 8-bit Triton kernel (``wanfast/kernels/attn8.py``), Hopper only; lossy, explicit only.
+  wanfast's own 8-bit Triton kernel (``wanfast/kernels/attn8.py``), Hopper only; lossy, explicit only;
+- ``fa3-fp8``: FlashAttention-3's e4m3 forward kernel with wanfast's per-head quantisation and K smoothing
+  (``wanfast/kernels/fp8_attention.py``), Hopper only; lossy, explicit only.
 
 Two slots: the default backend (``set_backend``) serves every call; a separate self-attention backend
 (``set_self_attention_backend``, or ``set_backend(..., self_attention=...)``) serves the calls made with
@@ -132,6 +134,14 @@ def _attn8(qk: str, pv: str) -> AttentionFn:
     return partial(attn8, qk=qk, pv=pv)  # [B, L, H, D] in and out, scale 1/sqrt(D); autotuned per shape
 
 
+def _fa3_fp8() -> AttentionFn:
+    from wanfast.kernels import fp8_attention
+
+    # a plain function (not a library op): its quantisation is traced and fused by the block's compile;
+    # only the FA3 call inside is an opaque custom op
+    return fp8_attention.load()
+
+
 _SAGE8 = {"sage8": ("fp8", "fp8"), "sage8-pv16": ("fp8", "bf16"), "sage8-int8": ("int8", "fp8")}
 
 _REGISTRY: dict[str, Backend] = {
@@ -146,6 +156,7 @@ _REGISTRY: dict[str, Backend] = {
     "flash3": Backend(lambda: _library_op("flash3", _flash3), _cuda_with(_FA3_MODULES, 9, 9)),
     "flash2": Backend(lambda: _library_op("flash2", _flash2), _cuda_with("flash_attn", 8)),
     "sage": Backend(lambda: _library_op("sage", _sage), _cuda_with("sageattention", 8), lossy=True),
+    "fa3-fp8": Backend(_fa3_fp8, _cuda_with(_FA3_MODULES, 9, 9), lossy=True),
     **{
         name: Backend(
             lambda n=name, m=modes: _library_op(n, lambda: _attn8(*m)), _cuda_with("triton", 9, 9), lossy=True
