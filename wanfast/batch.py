@@ -6,8 +6,9 @@ flag, else the model's default. Every line is validated (unknown keys, wrong typ
 rules, duplicate outputs) before any model loads; an error names the line.
 
 The models load once and stay warm; the requests run back to back, one at a time. They are not batched
-through the DiT: at 720p on an H200 a batch measured no throughput gain (11.30 vs 11.28 s per sample per
-forward), and one request at a time keeps the peak memory, the memory mode and a failure per request.
+through the DiT: on an H200 a batch of two measured no throughput gain (compiled bf16 forward per sample:
+2.79 vs 2.78 s at 480p, 11.30 vs 11.28 s at 720p; ../shared/anchors/h200.json, 2026-11-23), and one
+request at a time keeps the peak memory, the memory mode and a failure per request.
 A request that fails (e.g. out of memory) is reported and the next one runs; the exit code is then 1.
 """
 
