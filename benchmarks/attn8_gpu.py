@@ -84,9 +84,10 @@ def backends() -> dict:
         except Exception as e:  # noqa: BLE001
             found["flash3"] = f"{type(e).__name__}: {e}"
     try:  # FA3's e4m3 kernel with wanfast's per-head quantisation and K smoothing (kernels/fp8_attention.py)
+        from wanfast.attention import _flash3
         from wanfast.kernels import fp8_attention
 
-        found["fa3-fp8"] = fp8_attention.load()  # eager: the quantisation as separate torch ops
+        found["fa3-fp8"] = fp8_attention.load(_flash3())  # eager: the quantisation as separate torch ops
         # as inside the DiT's compiled block: inductor fuses the quantisation into a few passes
         found["fa3-fp8-compiled"] = torch.compile(
             fp8_attention.fa3_fp8_attention, fullgraph=True, dynamic=False

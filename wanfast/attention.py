@@ -139,7 +139,7 @@ def _fa3_fp8() -> AttentionFn:
 
     # a plain function (not a library op): its quantisation is traced and fused by the block's compile;
     # only the FA3 call inside is an opaque custom op
-    return fp8_attention.load()
+    return fp8_attention.load(_flash3())
 
 
 _SAGE8 = {"sage8": ("fp8", "fp8"), "sage8-pv16": ("fp8", "bf16"), "sage8-int8": ("int8", "fp8")}

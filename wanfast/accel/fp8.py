@@ -183,9 +183,9 @@ def use_fp8_gemm(dit: nn.Module, device: torch.device) -> int:
     """Choose the FP8 GEMM path for the device the DiT will *run* on. Offload modes build (and quantise)
     experts on the CPU and move weight storage to the GPU per block or per expert without ``.to()``, so
     the choice made at construction (CPU: the dequantised reference) would otherwise stick."""
-    layers = fp8_modules(dit).values()
+    layers, capable = fp8_modules(dit).values(), _scaled_mm_capable(device)
     for layer in layers:
-        layer.use_scaled_mm = _scaled_mm_capable(device)
+        layer.use_scaled_mm = capable
     return len(layers)
 
 

@@ -18,15 +18,13 @@ RoPE/projection epilogue instead of adding passes over q, k, v):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")  # upstream build, forward-only wheel
 _KERNEL: dict[str, object] = {}  # "fn": FA3's flash_attn_func (tests put a CPU stand-in here)
 
 
@@ -74,8 +72,8 @@ def fa3_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _fa3_fp8(q8, k8, v8, sq, sk, sv).to(q.dtype)
 
 
-def load() -> object:
-    """Bind FA3's ``flash_attn_func`` (first importable module of ``FA3_MODULES``); returns the backend."""
-    name = next(m for m in FA3_MODULES if importlib.util.find_spec(m) is not None)
-    _KERNEL["fn"] = importlib.import_module(name).flash_attn_func
+def load(flash_attn_func: Callable) -> Callable:
+    """Bind FA3's ``flash_attn_func`` (``wanfast.attention`` finds it, as for the bf16 ``flash3``
+    backend); returns the backend function."""
+    _KERNEL["fn"] = flash_attn_func
     return fa3_fp8_attention

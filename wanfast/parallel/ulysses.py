@@ -37,15 +37,14 @@ _PREFIX = "ulysses+"
 # The plan of the DiT whose forward is running: set by its patch-embedding hook, cleared by its head hook
 # (both outside the compiled blocks). One slot: forwards never nest.
 _CURRENT: list[UlyssesPlan | None] = [None]
-_INNER: dict[str, object] = {}  # "fn": the self-attention kernel the op wraps, "name": its registry name
+_INNER: dict[str, object] = {}  # "fn": the self-attention backend function the op wraps
 
 
 @torch.library.custom_op("wanfast::ulysses_self_attention", mutates_args=())
 def _ulysses_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # q, k, v [B, l, H, D] (this rank's tokens) -> [B, l, H, D]; outside a Ulysses forward: the kernel
-    plan, inner = _CURRENT[0], _INNER["fn"]
+    plan, inner = _CURRENT[0], _INNER["fn"]  # a registry backend: returns a tensor
     out = plan.attend(inner, q, k, v) if plan is not None else inner(q, k, v)
-    out = out[0] if isinstance(out, tuple) else out
     return out.contiguous()
 
 
@@ -131,7 +130,7 @@ def _install_backend(device: torch.device) -> None:
     if name.startswith(_PREFIX):
         return
     own = attention._self_active  # the slot's kernel, else the default backend's
-    _INNER.update(fn=(own or attention._active)[1], name=name)
+    _INNER["fn"] = (own or attention._active)[1]
     attention.register_backend(_PREFIX + name, lambda: _ulysses_self_attention, lambda: True)
     attention.set_self_attention_backend(_PREFIX + name)
 
