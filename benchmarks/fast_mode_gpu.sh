@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Fast mode on one H200 (issue #4), one device call (< 10 min): the 8-bit attention kernels vs exact ones,
-# then one DiT forward at 832x480 and 1280x720 (81 frames, A14B dims, random weights) with FP8 linears,
-# beside Diffusers in the same run, then FP8 linears + the fastest accurate 8-bit self-attention.
-#   bash benchmarks/fast_mode_gpu.sh COMMIT      # results under $OUT
+# then one DiT forward (81 frames, A14B dims, random weights) with FP8 linears, beside Diffusers in the
+# same run, then FP8 linears + the fastest accurate 8-bit self-attention, then that backend's quality cost
+# (10-step generation vs bf16: latent error, video PSNR/SSIM, benchmarks/fp8_gpu.py).
+#   bash benchmarks/fast_mode_gpu.sh COMMIT [SIZES]   # SIZES default 832x480,1280x720; results under $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export WANFAST_COMMIT=$1
+sizes=${2:-832x480,1280x720}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -26,9 +28,11 @@ PY
 )
 echo "chosen self-attention backend: $best"
 bench() {  # name, then bench arguments
-    timeout 330 python3 -m wanfast bench --model t2v-A14B --sizes 832x480,1280x720 --frames 81 --what forward \
+    timeout 330 python3 -m wanfast bench --model t2v-A14B --sizes "$sizes" --frames 81 --what forward \
         --compare default --repeats 1 --warmup 1 "${@:2}" --json "$out/$1.json" --png "$out/$1.png" 2>&1 | tail -n 12
 }
 bench bench_fp8 --quant fp8 --peer diffusers
 [ "$best" != none ] && bench bench_fp8_attn8 --quant fp8 --self-attention "$best" --peer none
 python3 benchmarks/merge_bench.py "$out/bench_fp8.json" "$out/bench_fp8_attn8.json" --labels "fp8,fp8+$best" --json "$out/bench_fast_merged.json" || true
+[ "$best" != none ] && timeout 180 python3 benchmarks/fp8_gpu.py --skip study,speed --self-attention "$best" \
+    --out "$out/quality_fp8_attn8.json" 2>&1 | tail -n 5

@@ -12,6 +12,8 @@ Random weights (``wanfast.synthetic``) at A14B dims; attention backend as ``auto
 3. Weight memory of one expert (bytes of parameters and persistent buffers), bf16 vs fp8.
 4. A 10-step two-expert generation at 480x272, 17 frames, seed 0, eager: bf16, then the same pipeline
    with its experts quantised: latent relative error, decoded-video PSNR / SSIM (``wanfast.compare``).
+   With ``--self-attention NAME`` (an 8-bit backend such as fa3-fp8), a third run: FP8 linears plus that
+   self-attention backend, compared with the same bf16 run (``generation["fp8+" + NAME]``).
 
 Writes JSON to --out and prints one summary line per part. Measured on an H200 (torch 2.11, 2026-11-23): ~2 min wall (study
 13 s, speed 60 s, generation 16 s, plus builds and imports).
@@ -168,8 +170,15 @@ def speed(out: dict) -> None:
           f"({fp8['median_s'] / ref:.3f}x Diffusers' {ref} s; target <= 0.75), rel err {err:.4f}", flush=True)  # fmt: skip
 
 
+def _quality(q, ref, seconds: float) -> dict:
+    lat, vid = compare_latents(q.latents, ref.latents), compare_videos(q.frames, ref.frames)
+    return {"latent_rel_err": lat["rel_err"], "latent_psnr_db": lat["psnr_db"], "video_psnr_db": vid["psnr_db"],
+            "video_ssim": vid["ssim"], "video_psnr_per_frame_db": vid["psnr_per_frame_db"],
+            "video_ssim_per_frame": vid["ssim_per_frame"], "eager_seconds": seconds}  # fmt: skip
+
+
 @torch.inference_mode()
-def generation(out: dict) -> None:
+def generation(out: dict, self_attention: str | None = None) -> None:
     pipe = random_pipeline(A14B, DEV, BF16, torch.float32, settings=replace(DEFAULT, compile=False))
     params = pipe.params("a red fox running through fresh snow", size=(480, 272), frames=17, steps=10, seed=0)
     t0 = time.perf_counter()
@@ -178,20 +187,21 @@ def generation(out: dict) -> None:
     for dit in pipe.experts.values():
         quantize_dit_(dit, DEFAULT_POLICY)
     release()
-    t0 = time.perf_counter()
-    q = pipe.run(params)
-    t_fp8 = time.perf_counter() - t0
-    lat = compare_latents(q.latents, ref.latents)
-    vid = compare_videos(q.frames, ref.frames)
-    out["generation"] = {
-        "size": "480x272x17", "steps": 10, "steps_per_expert": ref.steps_per_expert,
-        "latent_rel_err": lat["rel_err"], "latent_psnr_db": lat["psnr_db"],
-        "video_psnr_db": vid["psnr_db"], "video_ssim": vid["ssim"],
-        "video_psnr_per_frame_db": vid["psnr_per_frame_db"], "video_ssim_per_frame": vid["ssim_per_frame"],
-        "bar_psnr_db": 30.0, "eager_seconds": {"bf16": t_bf16, "fp8": t_fp8},
-    }  # fmt: skip
-    print(f"[gen] latent rel err {lat['rel_err']:.4f}, video PSNR {vid['psnr_db']:.2f} dB "
-          f"(bar 30), SSIM {vid['ssim']:.4f}", flush=True)  # fmt: skip
+    runs = {"fp8": None} if self_attention is None else {"fp8": None, f"fp8+{self_attention}": self_attention}
+    gen = out["generation"] = {"size": "480x272x17", "steps": 10, "steps_per_expert": ref.steps_per_expert,
+                               "bar_psnr_db": 30.0, "eager_seconds_bf16": t_bf16}  # fmt: skip
+    for label, backend in runs.items():
+        attention.set_self_attention_backend(backend, DEV)
+        t0 = time.perf_counter()
+        q = pipe.run(params)
+        res = _quality(q, ref, time.perf_counter() - t0)
+        if label == "fp8":  # the keys earlier results used
+            gen.update(res)
+        else:
+            gen[label] = res
+        print(f"[gen {label}] latent rel err {res['latent_rel_err']:.4f}, video PSNR {res['video_psnr_db']:.2f} dB "
+              f"(bar 30), SSIM {res['video_ssim']:.4f}", flush=True)  # fmt: skip
+    attention.set_self_attention_backend(None, DEV)
     del pipe
     release()
 
@@ -200,12 +210,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="fp8_gpu.json")
     ap.add_argument("--skip", default="", help="comma list of: study, speed, generation")
+    ap.add_argument(
+        "--self-attention", default=None, help="also run the generation with this self-attention backend"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "attention_backend": attention.set_backend("auto", DEV)}  # fmt: skip
     t0 = time.perf_counter()
-    for name, fn in (("study", error_study), ("speed", speed), ("generation", generation)):
+    parts = (("study", error_study), ("speed", speed),
+             ("generation", lambda o: generation(o, args.self_attention)))  # fmt: skip
+    for name, fn in parts:
         if name in skip:
             continue
         t = time.perf_counter()
