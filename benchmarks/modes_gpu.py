@@ -76,6 +76,21 @@ def timed_run(pipe, params) -> dict:
     }
 
 
+def host_memory_gib() -> dict:
+    """This process's resident host memory by kind (Linux /proc/self/status): pinned weight buffers show
+    as anonymous (cudaHostRegister) or shared (cudaHostAlloc) memory."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in ("VmRSS", "RssAnon", "RssShmem", "VmLck", "VmPin"):
+                    out[key] = round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return out
+
+
 def budget_part(preset, budget_gib: float, device: str) -> dict:
     from wanfast.api import enforce_memory_budget, plan_memory
 
@@ -87,6 +102,7 @@ def budget_part(preset, budget_gib: float, device: str) -> dict:
     pipe = random_pipeline(preset, device, DTYPE[device], DTYPE[device], settings=settings)
     gc.collect()
     setup_s = time.perf_counter() - t0
+    host = host_memory_gib()
     if device == "cuda":
         torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated() if device == "cuda" else 0
@@ -103,7 +119,8 @@ def budget_part(preset, budget_gib: float, device: str) -> dict:
             torch.cuda.set_per_process_memory_fraction(1.0)
     row = {"budget_GiB": budget_gib, "mode": mode, "reason": reason, "fraction": fraction,
            "text_encoder": "cpu", "setup_s": round(setup_s, 1),
-           "resident_after_setup_GiB": round(resident / GiB, 2), "run": run, "error": error}  # fmt: skip
+           "resident_after_setup_GiB": round(resident / GiB, 2), "host_after_setup_GiB": host,
+           "run": run, "error": error}  # fmt: skip
     if run is not None:
         warm_high, warm_low = run["step_s"][1], run["step_s"][2]
         row["fits"] = fraction is not None and run["peak_reserved_GiB"] <= budget_gib

@@ -23,6 +23,7 @@ def test_modes_script_runs_every_part_on_the_tiny_model(tmp_path):
     assert "error" not in json.dumps(parts).replace('"error": null', ""), parts
     budget = parts["budget1"]
     assert budget["run"]["steps_per_expert"] == {"high_noise": 2, "low_noise": 1} and budget["run"]["finite"]
+    assert budget["host_after_setup_GiB"]["VmRSS"] > 0  # host memory recorded (pinned buffers show there)
     light = parts["lightning"]
     assert light["params"]["steps"] == 4 and light["params"]["guidance_high_noise"] == 1.0
     assert len(light["warm"]["step_s"]) == 4

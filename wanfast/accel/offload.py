@@ -12,7 +12,8 @@
 Moving is done by pointing each ``Parameter``'s ``.data`` at either its host copy or a fresh device copy:
 the Parameter objects (and so the module tree, the caches and the compiled block graphs, which take the
 parameters as inputs) stay the same. Weights are read-only at inference, so "moving back" copies nothing:
-the device copy is dropped. The host copies are pinned when CUDA is available (async, full-speed copies).
+the device copy is dropped. The host copies are pinned when CUDA is available (async, full-speed copies),
+one flat buffer per expert (or block) registered once: ``accel/pinned.py`` says why not per tensor.
 Apply after ``wanfast.accel.optimize_pipeline`` (fusion and FP8 change which tensors exist); CUDA graphs
 bake weight addresses in, so they cannot be combined with offload.
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from wanfast.accel.graphs import CUDAGraphDiT
+from wanfast.accel.pinned import HostBuffer, check_host_room
 from wanfast.config import ConfigError, ModelPreset
 
 MODES = ("expert", "blocks")
@@ -75,9 +77,8 @@ class HostCopy:
     def __init__(self, module: nn.Module, key, record: Residency, pin: bool) -> None:
         self.key, self.record = key, record
         self.tensors = _tensors(module)
-        with torch.no_grad():
-            host = [t.detach().to("cpu", copy=t.device.type != "cpu") for t in self.tensors]
-            self.host = [h.pin_memory() if pin else h for h in host]
+        self.buffer = HostBuffer(self.tensors, pin)  # one flat buffer, pinned once (accel/pinned.py: why)
+        self.host = self.buffer.adopt(self.tensors)
         self.nbytes = sum(h.numel() * h.element_size() for h in self.host)
         self.unload()
 
@@ -88,7 +89,7 @@ class HostCopy:
     @torch.inference_mode()  # device copies are inference tensors whether loaded in a request or not
     def load(self, device: torch.device) -> None:
         for t, h in zip(self.tensors, self.host, strict=True):
-            t.data = h.to(device, non_blocking=h.is_pinned())  # async from pinned memory
+            t.data = h.to(device, non_blocking=self.buffer.pinned)  # async from pinned memory
         self.record.load(self.key)
 
     def unload(self) -> None:
@@ -170,6 +171,11 @@ class Offload:
         pin = torch.cuda.is_available() if pin is None else pin
         self.mode, self.device, self.record, self.active = mode, device, Residency(), None
         dits = dict(pipe.experts)
+        # every expert ends in host memory; weights already on the CPU move tensor by tensor (no extra)
+        off_host = sum(
+            t.numel() * t.element_size() for d in dits.values() for t in _tensors(d) if t.device.type != "cpu"
+        )
+        check_host_room(off_host, f"--offload {mode}")
         if mode == "expert":
             self.experts = {n: HostCopy(d, n, self.record, pin) for n, d in dits.items()}
         else:
