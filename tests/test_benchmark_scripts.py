@@ -78,3 +78,56 @@ def test_multigpu_script_refuses_a_split_that_does_not_fit_the_launch(tmp_path):
     assert proc.returncode != 0 and "needs cfg (2) x ulysses (1) = 2 processes" in proc.stderr, proc.stderr[
         -2000:
     ]
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_script_sorts_kernels_into_categories():
+    """benchmarks/profile_forward.py's bookkeeping on kernel names as Hopper profiles print them, and a
+    stand-in profile: totals per name, attention launches split self / cross by order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    prof = _script("profile_forward")
+    names = {
+        "void flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, cute::tuple<>, cutlass::float_e4m3_t>>": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1": "attention",
+        "_attn8_fwd": "attention",
+        "sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "gemm",
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "gemm",
+        "void cutlass::device_kernel<cutlass3x_sm90_tensorop_s64x256x32gemm_e4m3>": "gemm",
+        "triton_red_fused__to_copy_add_mean_mul_native_layer_norm_0": "fused_elementwise",
+        "triton_poi_fused_abs_amax_clamp_div_1": "fused_elementwise",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
+    }  # fmt: skip
+    for name, want in names.items():
+        assert prof.category(name) == want, name
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def ev(name, us, start):
+        return SimpleNamespace(
+            name=name, device_type=cuda, device_time_total=us, time_range=SimpleNamespace(start=start)
+        )
+
+    fa3, gemm = "void flash::FlashAttnFwdSm90<x>", "nvjet_tst_x"
+    events = [ev(fa3, 100.0, 0), ev(gemm, 10.0, 1), ev(fa3, 5.0, 2), ev(fa3, 100.0, 3), ev(fa3, 5.0, 4)]
+    events.append(
+        SimpleNamespace(name="cpu op", device_type=torch.autograd.DeviceType.CPU, device_time_total=0.0)
+    )
+    fake = SimpleNamespace(events=lambda: events)
+    table = prof.kernel_table(fake)
+    assert table[0][0] == fa3 and abs(table[0][1] - 210e-6) < 1e-12 and table[0][2] == 4
+    assert [r[0] for r in table] == [fa3, gemm]  # the CPU event is not a kernel
+    split = prof.attention_split(fake)
+    assert abs(split["self_attention"] - 200e-6) < 1e-12 and abs(split["cross_attention"] - 10e-6) < 1e-12
+    assert split["attention_launches"] == 4
+    assert prof.settings_of("fp8+fa3-fp8").self_attention_backend == "fa3-fp8"
+    assert prof.settings_of("fp8").quant == "fp8" and prof.settings_of("bf16").quant is None

@@ -72,8 +72,7 @@ def register(buffer: Tensor) -> None:
     if err != 0:
         raise RuntimeError(
             f"cudaHostRegister of {buffer.numel() / 2**30:.1f} GiB failed (cudaError {err}): the host cannot "
-            "page-lock that much memory; free host RAM, raise the locked-memory limit (ulimit -l), or use "
-            "--quant fp8 (half the bytes)"
+            "page-lock that much memory; free host RAM or use --quant fp8 (half the bytes)"
         )
 
 
