@@ -66,6 +66,23 @@ def accuracy(out, ref) -> dict:
             "finite": bool(torch.isfinite(o).all())}  # fmt: skip
 
 
+def _kernel_only(fp8_attention):
+    """FA3's e4m3 kernel alone: the inputs are quantised once per (q, k, v) (in the warm-up call) and
+    reused, so the timed calls measure the kernel without the quantisation passes."""
+    cache: dict = {}
+
+    def run(q, k, v):
+        key = (id(q), id(k), id(v))
+        if key not in cache:
+            cache.clear()
+            quant = fp8_attention.quantize_heads
+            cache[key] = (*quant(q), *quant(k, smooth=True), *quant(v))
+        q8, sq, k8, sk, v8, sv = cache[key]
+        return fp8_attention._fa3_fp8(q8, k8, v8, sq, sk, sv)
+
+    return run
+
+
 def backends() -> dict:
     """name -> (fn(q, k, v) -> out [B, L, H, D], or an error string)."""
     found = {}
@@ -92,6 +109,7 @@ def backends() -> dict:
         found["fa3-fp8-compiled"] = torch.compile(
             fp8_attention.fa3_fp8_attention, fullgraph=True, dynamic=False
         )
+        found["fa3-fp8-kernel-only"] = _kernel_only(fp8_attention)  # what the quantisation costs on top
     except Exception as e:  # noqa: BLE001
         found["fa3-fp8"] = f"{type(e).__name__}: {e}"
     try:

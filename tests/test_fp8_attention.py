@@ -107,3 +107,26 @@ def test_registry_entry_is_lossy_hopper_only_and_never_auto(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="'fa3-fp8' is not available"):
             attention.resolve_backend("fa3-fp8", "cpu")
+
+
+def test_probe_kernel_only_quantises_once_and_matches_the_backend(cpu_kernel, monkeypatch):
+    """benchmarks/attn8_gpu.py's `fa3-fp8-kernel-only` entry (the FA3 kernel without the quantisation
+    passes): the inputs are quantised on the first call only, and the output is the backend's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attn8_gpu.py"
+    spec = importlib.util.spec_from_file_location("attn8_gpu", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    quantised = []
+    real = fa.quantize_heads
+    monkeypatch.setattr(
+        fa, "quantize_heads", lambda x, smooth=False: quantised.append(smooth) or real(x, smooth)
+    )
+    run = probe._kernel_only(fa)
+    q, k, v = (x.to(torch.bfloat16) for x in inputs(offset=8.0, length=64))
+    first, second = run(q, k, v), run(q, k, v)
+    assert quantised == [False, True, False]  # q, smoothed k, v: once
+    assert torch.equal(first, second) and len(cpu_kernel) == 2
+    assert torch.equal(first.to(torch.bfloat16), fa3_fp8_attention(q, k, v))
