@@ -29,7 +29,7 @@ from dataclasses import replace
 
 import torch
 
-from wanfast.bench_peer import WanfastSide, make_inputs
+from wanfast.bench_peer import Clock, WanfastSide, make_inputs
 from wanfast.config import PRESETS, EngineSettings, SamplingParams
 
 ATTENTION = re.compile(r"flash|fmha|attn|sdpa|attention", re.I)  # FA2/FA3, cuDNN SDPA, wanfast's attn8
@@ -101,14 +101,7 @@ def profile_variant(variant: str, size: tuple[int, int], frames: int) -> dict:
     fwd()  # compiles
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
-    times = []
-    for _ in range(2):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fwd()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+    times = [Clock(torch.device("cuda")).once(fwd) for _ in range(2)]  # CUDA events, as wanfast bench
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fwd()
         torch.cuda.synchronize()
