@@ -79,9 +79,12 @@ def register(buffer: Tensor) -> None:
 def unregister(ptr: int) -> None:
     """Undo ``register``; the memory stays valid (pageable). Errors are logged: at interpreter exit the CUDA
     context may already be gone, which leaves nothing to undo."""
-    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    try:
+        err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    except Exception as e:  # noqa: BLE001 - torch half torn down at exit
+        err = repr(e)
     if err != 0:
-        log.debug("cudaHostUnregister(%#x) returned cudaError %d", ptr, err)
+        log.debug("cudaHostUnregister(%#x) failed: %s", ptr, err)
 
 
 class HostBuffer:
