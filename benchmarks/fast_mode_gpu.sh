@@ -4,7 +4,8 @@
 # same run, then FP8 linears + the fastest accurate 8-bit self-attention, then that backend's quality cost
 # (10-step generation vs bf16: latent error, video PSNR/SSIM, benchmarks/fp8_gpu.py).
 #   bash benchmarks/fast_mode_gpu.sh COMMIT [SIZES [REPEATS]]   # default 832x480,1280x720 and 1; under $OUT
-# BACKEND=fa3-fp8 bash benchmarks/fast_mode_gpu.sh ...   skips the kernel probe and uses that backend.
+# BACKEND=fa3-fp8 bash benchmarks/fast_mode_gpu.sh ...   skips the kernel probe and uses that backend;
+# COMPILE_MODES="coordinate-descent" adds a run per inductor tuning mode (EngineSettings.compile_mode).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export WANFAST_COMMIT=$1
@@ -39,6 +40,11 @@ bench() {  # name, then bench arguments
 }
 bench bench_fp8 --quant fp8 --peer diffusers
 [ "$best" != none ] && bench bench_fp8_attn8 --quant fp8 --self-attention "$best" --peer none
-python3 benchmarks/merge_bench.py "$out/bench_fp8.json" "$out/bench_fp8_attn8.json" --labels "fp8,fp8+$best" --json "$out/bench_fast_merged.json" || true
+reports=("$out/bench_fp8.json" "$out/bench_fp8_attn8.json") labels="fp8,fp8+$best"
+for mode in ${COMPILE_MODES:-}; do  # e.g. COMPILE_MODES="coordinate-descent max-autotune": inductor tuning
+    bench "bench_fp8_attn8_$mode" --quant fp8 --self-attention "$best" --peer none --compile-mode "$mode"
+    reports+=("$out/bench_fp8_attn8_$mode.json") labels+=",fp8+$best+$mode"
+done
+python3 benchmarks/merge_bench.py "${reports[@]}" --labels "$labels" --json "$out/bench_fast_merged.json" || true
 [ "$best" != none ] && timeout 180 python3 benchmarks/fp8_gpu.py --skip study,speed --self-attention "$best" \
     --out "$out/quality_fp8_attn8.json" 2>&1 | tail -n 5

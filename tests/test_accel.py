@@ -340,3 +340,38 @@ def test_pipeline_is_optimized_and_reset_per_request():
     assert [len(c.prompts) for c in kv] == [2, 2]
     optimize_pipeline(slow)  # plain settings: nothing changes
     assert not any(caches_of(m) for m in slow.experts.values())
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        (None, {}),
+        ("coordinate-descent", {"options": {"coordinate_descent_tuning": True}}),
+        ("max-autotune", {"mode": "max-autotune-no-cudagraphs"}),  # CUDA graphs keep their own switch
+    ],
+)
+def test_compile_mode_reaches_torch_compile(plain, monkeypatch, mode, expected):
+    from wanfast.accel import compile as compile_mod
+
+    seen = []
+
+    def fake_compile(fn, **kw):
+        seen.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    dit = copy.deepcopy(plain)
+    assert compile_mod.compile_blocks(dit, "inductor", mode) == len(dit.blocks)
+    assert seen and all(
+        kw == {"fullgraph": True, "dynamic": False, "backend": "inductor", **expected} for kw in seen
+    )
+
+
+def test_compile_mode_errors(plain):
+    from wanfast.accel import compile as compile_mod
+    from wanfast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown compile mode 'fast'.*coordinate-descent, max-autotune"):
+        compile_mod.compile_blocks(copy.deepcopy(plain), "inductor", "fast")
+    with pytest.raises(ConfigError, match="tunes inductor's kernels; backend 'eager'"):
+        compile_mod.compile_blocks(copy.deepcopy(plain), "eager", "max-autotune")

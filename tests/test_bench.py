@@ -289,3 +289,10 @@ def test_quant_reaches_every_wanfast_engine(tmp_path):
     assert rc == 0 and report["config"]["quant"] == "fp8"
     assert [e["settings"]["quant"] for e in report["engines"]] == ["fp8", "fp8"]
     assert all(r["seconds"] > 0 for r in rows(report, what="forward", kind="measured"))
+
+
+def test_compile_mode_reaches_every_wanfast_engine(tmp_path):
+    rc, report = run(tmp_path, ["--what", "forward", "--compare", "eager,default", "--peer", "none",
+                                "--compile-mode", "coordinate-descent", "--warmup", "0"])  # fmt: skip
+    assert rc == 0 and report["config"]["compile_mode"] == "coordinate-descent"
+    assert [e["settings"]["compile_mode"] for e in report["engines"]] == ["coordinate-descent"] * 2

@@ -125,6 +125,10 @@ def test_optimisation_switches_map_to_engine_settings():
     )
     assert (s.compile, s.fuse_projections, s.cache_cross_kv, s.cache_rope, s.optimize_vae) == (False,) * 5
     assert s.cuda_graphs and s.attention_backend == "sdpa"
+    assert (
+        default.compile_mode is None
+        and settings("--compile-mode", "max-autotune").compile_mode == "max-autotune"
+    )
 
 
 def test_plain_and_optimised_generate_the_same_latents(tmp_path):

@@ -106,7 +106,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     }
     base = EngineSettings(
         device=str(device), dtype=dtype, vae_dtype=vae_dtype, attention_backend=args.attention,
-        self_attention_backend=args.self_attention, quant=args.quant,
+        self_attention_backend=args.self_attention, quant=args.quant, compile_mode=args.compile_mode,
     )  # fmt: skip
     engines = [Engine(n, "wanfast", engine_settings(n, base)) for n in args.compare]
     gen_engines = list(engines)
@@ -299,7 +299,7 @@ def _config(plan: Plan, args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
             "warmup": args.warmup, "gen_repeats": args.gen_repeats, "dtype": str(plan.dtype),
             "vae_dtype": str(plan.vae_dtype), "seed": args.seed, "prompt": PROMPT, "quant": args.quant,
-            "self_attention": args.self_attention}  # fmt: skip
+            "self_attention": args.self_attention, "compile_mode": args.compile_mode}  # fmt: skip
 
 
 def _engine_json(side, engine: Engine) -> dict:
@@ -383,6 +383,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--self-attention", default=None, metavar="BACKEND",
         help="wanfast's self-attention backend, e.g. the lossy sage8 (default: --attention)")  # fmt: skip
     add("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linears in every wanfast engine")
+    add("--compile-mode", choices=["coordinate-descent", "max-autotune"], default=None,
+        help="inductor tuning of every compiled wanfast engine (default: inductor's defaults)")  # fmt: skip
     add("--seed", type=int, default=0)
     add("--check", action="store_true", help="relative error of each engine's final latents vs eager")
     add("--check-tol", type=float, default=2e-2, help="--check exits 1 above this (default 2e-2)")

@@ -89,6 +89,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     opt = p.add_argument_group("optimisations (lossless; each on by default where it pays)")
     opt.add_argument("--plain", action="store_true", help="turn every optimisation off: the eager reference")
     opt.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
+    opt.add_argument("--compile-mode", choices=["coordinate-descent", "max-autotune"], default=None,
+                     help="tune inductor's kernels (longer first compile; default: inductor's defaults)")  # fmt: skip
     opt.add_argument("--no-fuse", action="store_true", help="separate Q/K/V (and K/V) projections")
     opt.add_argument("--no-cache", action="store_true", help="no cross-attention K/V and RoPE caches")
     opt.add_argument("--no-vae-opt", action="store_true", help="the plain VAE decode")
@@ -203,6 +205,7 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
     return replace(
         settings,
         compile=False if args.no_compile else settings.compile,
+        compile_mode=args.compile_mode,
         fuse_projections=not args.no_fuse,
         cache_cross_kv=not args.no_cache,
         cache_rope=not args.no_cache,

@@ -310,6 +310,9 @@ class EngineSettings:
     cache_cross_kv: bool = True  # cross-attention K/V computed once per (expert, prompt), reused every step
     cache_rope: bool = True  # RoPE cos/sin tables computed once per (grid, device)
     compile: bool | None = None  # regional torch.compile of each DiT block; None: on for CUDA
+    # None: inductor's defaults; "coordinate-descent" tunes the fused kernels' launch configs, "max-autotune"
+    # also autotunes GEMM templates (accel/compile.py COMPILE_MODES; longer first compile, measure first)
+    compile_mode: str | None = None
     cuda_graphs: bool = False  # capture the DiT forward in a CUDA graph (off unless measured to pay)
     optimize_vae: bool = True  # VAE decode layout/algorithm choices from accel.vae (measured)
     quant: str | None = None  # lossy, opt-in: "fp8" = FP8 e4m3 DiT linears (accel.fp8)

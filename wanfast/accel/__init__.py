@@ -86,7 +86,8 @@ def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str 
         applied.append("cache_cross_kv (+ time embedding)")
     if use_compile:
         choose_attention(settings)  # traced code bakes the backend in: choose it before the first trace
-        applied.append(f"compile ({compile_blocks(dit, compile_backend)} blocks, {compile_backend})")
+        n = compile_blocks(dit, compile_backend, settings.compile_mode)
+        applied.append(f"compile ({n} blocks, {compile_backend}, mode {settings.compile_mode or 'default'})")
     if settings.cuda_graphs:
         dit = CUDAGraphDiT(dit)
         applied.append(
