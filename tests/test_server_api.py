@@ -246,3 +246,21 @@ def test_page_in_headless_chromium_submits_watches_and_plays(server):
         assert any(s[0] == "running" and s[1].startswith("step ") and " of 300" in s[1] for s in seen), seen
     finally:
         driver.quit()
+
+
+def test_serve_flags_reach_the_worker_settings(tmp_path):
+    """`wanfast serve` engine switches -> the worker's JSON config -> its EngineSettings."""
+    from wanfast.cli import build_parser
+    from wanfast.server.cli import worker_config
+    from wanfast.server.worker import worker_settings
+
+    argv = ["serve", "--model", "tiny", "--device", "cpu", "--quant", "fp8", "--self-attention", "sdpa",
+            "--offload", "blocks", "--t5-cpu", "--no-compile", "--compile-mode", "max-autotune"]  # fmt: skip
+    settings = worker_settings(worker_config(build_parser().parse_args(argv), tmp_path))
+    assert (settings.quant, settings.self_attention_backend, settings.offload) == ("fp8", "sdpa", "blocks")
+    assert settings.text_encoder_device == "cpu" and settings.compile is False
+    assert settings.compile_mode == "max-autotune"
+    default = worker_settings(
+        worker_config(build_parser().parse_args(["serve", "--model", "tiny"]), tmp_path)
+    )
+    assert default.compile is None and default.compile_mode is None and default.quant is None

@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p
     )  # --text-encoder-device/--t5-cpu, --self-attention, --quant, --offload, --memory-budget
     p.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
+    p.add_argument("--compile-mode", choices=["coordinate-descent", "max-autotune"], default=None,
+                   help="tune inductor's kernels (longer first compile; default: inductor's defaults)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -74,6 +76,7 @@ def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
         "device": args.device, "dtype": args.dtype, "text_encoder_device": args.text_encoder_device,
         "attention": args.attention, "self_attention": args.self_attention, "quant": args.quant,
         "offload": args.offload, "memory_budget_gb": args.memory_budget, "compile": False if args.no_compile else None,
+        "compile_mode": args.compile_mode,
     }  # fmt: skip
 
 

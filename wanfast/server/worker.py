@@ -124,6 +124,7 @@ def worker_settings(cfg: dict):
         offload=cfg.get("offload"),
         memory_budget_gb=cfg.get("memory_budget_gb"),
         compile=cfg.get("compile"),
+        compile_mode=cfg.get("compile_mode"),
     )
 
 
