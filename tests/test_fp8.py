@@ -188,7 +188,9 @@ def test_gemm_path_follows_the_run_device_not_where_weights_were_built(monkeypat
 
     monkeypatch.setattr(fp8, "_scaled_mm_capable", lambda device: device.type == "cuda")
     compiled = []
-    monkeypatch.setattr(accel, "compile_blocks", lambda dit, backend: compiled.append(dit) or len(dit.blocks))
+    monkeypatch.setattr(
+        accel, "compile_blocks", lambda dit, backend, mode: compiled.append(dit) or len(dit.blocks)
+    )
     monkeypatch.setattr(accel, "choose_attention", lambda settings: "sdpa")
     torch.manual_seed(0)
     dit = WanDiT(PRESETS["tiny"].dit).eval()  # built on the CPU
