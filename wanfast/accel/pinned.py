@@ -20,6 +20,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from wanfast.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 ALIGN = 512  # bytes; every view starts at a multiple (DMA-friendly, and a multiple of any element size)
@@ -55,8 +57,6 @@ def available_host_bytes(meminfo: str = "/proc/meminfo") -> int | None:
 
 def check_host_room(need: int, what: str, meminfo: str = "/proc/meminfo") -> None:
     """Raise ``ConfigError`` before copying ``need`` bytes to host memory that the host does not have."""
-    from wanfast.config import ConfigError
-
     avail = available_host_bytes(meminfo)
     if avail is not None and need > avail:
         raise ConfigError(
