@@ -36,7 +36,15 @@ from wanfast.bench_report import (
     format_table,
     write_png,
 )
-from wanfast.config import PRESETS, ConfigError, EngineSettings, ModelPreset, SamplingParams, parse_dtype
+from wanfast.config import (
+    COMPILE_MODES,
+    PRESETS,
+    ConfigError,
+    EngineSettings,
+    ModelPreset,
+    SamplingParams,
+    parse_dtype,
+)
 
 # The --compare ladder: each rung adds its switches to every rung before it, starting from plain eager.
 LADDER: tuple[tuple[str, dict], ...] = (
@@ -383,7 +391,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--self-attention", default=None, metavar="BACKEND",
         help="wanfast's self-attention backend, e.g. the lossy sage8 (default: --attention)")  # fmt: skip
     add("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linears in every wanfast engine")
-    add("--compile-mode", choices=["coordinate-descent", "max-autotune"], default=None,
+    add("--compile-mode", choices=COMPILE_MODES, default=None,
         help="inductor tuning of every compiled wanfast engine (default: inductor's defaults)")  # fmt: skip
     add("--seed", type=int, default=0)
     add("--check", action="store_true", help="relative error of each engine's final latents vs eager")

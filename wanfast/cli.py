@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 
 from wanfast.batch import forwards_text
-from wanfast.config import PRESETS, SOLVERS, ConfigError, EngineSettings, SamplingParams, parse_dtype
+from wanfast.config import (
+    COMPILE_MODES,
+    PRESETS,
+    SOLVERS,
+    ConfigError,
+    EngineSettings,
+    SamplingParams,
+    parse_dtype,
+)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -32,13 +40,15 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
 
 def add_engine_memory_flags(p: argparse.ArgumentParser) -> None:
     """Engine switches shared by generate and serve: text-encoder placement, self-attention kernel, FP8,
-    memory mode and budget."""
+    compile tuning, memory mode and budget."""
     p.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep UMT5 off the GPU")
     p.add_argument("--t5-cpu", dest="text_encoder_device", action="store_const", const="cpu",
                    help="run the text encoder on the CPU (= --text-encoder-device cpu)")  # fmt: skip
     p.add_argument("--self-attention", default=None, metavar="BACKEND",
                    help="the DiT self-attention backend only, e.g. a lossy 8-bit one (default: --attention)")  # fmt: skip
     p.add_argument("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linear layers")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="tune inductor's kernels (longer first compile; default: inductor's defaults)")  # fmt: skip
     p.add_argument("--offload", choices=["expert", "blocks"], default=None,
                    help="expert: only the active expert on the GPU; blocks: DiT blocks streamed to the GPU")  # fmt: skip
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
@@ -89,8 +99,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     opt = p.add_argument_group("optimisations (lossless; each on by default where it pays)")
     opt.add_argument("--plain", action="store_true", help="turn every optimisation off: the eager reference")
     opt.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
-    opt.add_argument("--compile-mode", choices=["coordinate-descent", "max-autotune"], default=None,
-                     help="tune inductor's kernels (longer first compile; default: inductor's defaults)")  # fmt: skip
     opt.add_argument("--no-fuse", action="store_true", help="separate Q/K/V (and K/V) projections")
     opt.add_argument("--no-cache", action="store_true", help="no cross-attention K/V and RoPE caches")
     opt.add_argument("--no-vae-opt", action="store_true", help="the plain VAE decode")

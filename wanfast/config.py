@@ -20,6 +20,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 SOLVERS = ("unipc", "dpm++", "euler")
+COMPILE_MODES = ("coordinate-descent", "max-autotune")  # EngineSettings.compile_mode (accel/compile.py)
 NUM_TRAIN_TIMESTEPS = 1000
 
 

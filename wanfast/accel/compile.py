@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wanfast.config import ConfigError
+from wanfast.config import COMPILE_MODES, ConfigError
 from wanfast.models.dit import WanDiT
 
 # Each new latent size adds two graphs per block code object; the default limit (8) would make a server
@@ -27,25 +27,24 @@ RECOMPILE_LIMIT = 64
 
 # EngineSettings.compile_mode -> torch.compile keywords (inductor only). CUDA graphs stay with their own
 # switch (accel/graphs.py), hence the no-cudagraphs autotune mode.
-COMPILE_MODES: dict[str | None, dict] = {
+COMPILE_KWARGS: dict[str | None, dict] = {
     None: {},
     "coordinate-descent": {"options": {"coordinate_descent_tuning": True}},
     "max-autotune": {"mode": "max-autotune-no-cudagraphs"},
 }
+assert set(COMPILE_KWARGS) == {None, *COMPILE_MODES}
 
 
 def compile_blocks(dit: WanDiT, backend: str = "inductor", mode: str | None = None) -> int:
-    """Compile every block's forward in place (``mode``: a ``COMPILE_MODES`` key); returns the number of
-    blocks compiled."""
-    if mode not in COMPILE_MODES:
-        raise ConfigError(
-            f"unknown compile mode {mode!r}; choose one of {', '.join(m for m in COMPILE_MODES if m)}"
-        )
+    """Compile every block's forward in place (``mode``: None or one of ``COMPILE_MODES``); returns the
+    number of blocks compiled."""
+    if mode not in COMPILE_KWARGS:
+        raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if mode is not None and backend != "inductor":
         raise ConfigError(f"compile mode {mode!r} tunes inductor's kernels; backend {backend!r} has none")
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    options = COMPILE_MODES[mode]
+    options = COMPILE_KWARGS[mode]
     n = 0
     for block in dit.blocks:
         if not is_compiled(block):

@@ -44,10 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", default="auto", help="attention backend (default: fastest available)")
     add_engine_memory_flags(
         p
-    )  # --text-encoder-device/--t5-cpu, --self-attention, --quant, --offload, --memory-budget
+    )  # --text-encoder-device/--t5-cpu, --self-attention, --quant, --compile-mode, --offload, --memory-budget
     p.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
-    p.add_argument("--compile-mode", choices=["coordinate-descent", "max-autotune"], default=None,
-                   help="tune inductor's kernels (longer first compile; default: inductor's defaults)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
