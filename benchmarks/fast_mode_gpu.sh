@@ -5,7 +5,8 @@
 # (10-step generation vs bf16: latent error, video PSNR/SSIM, benchmarks/fp8_gpu.py).
 #   bash benchmarks/fast_mode_gpu.sh COMMIT [SIZES [REPEATS]]   # default 832x480,1280x720 and 1; under $OUT
 # BACKEND=fa3-fp8 bash benchmarks/fast_mode_gpu.sh ...   skips the kernel probe and uses that backend;
-# COMPILE_MODES="coordinate-descent" adds a run per inductor tuning mode (EngineSettings.compile_mode).
+# VARIANTS="--no-fp8-row-kernels;--compile-mode coordinate-descent" adds a run of FP8 + that backend per
+# ';'-separated flag set (labelled by its flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export WANFAST_COMMIT=$1
@@ -41,10 +42,13 @@ bench() {  # name, then bench arguments
 bench bench_fp8 --quant fp8 --peer diffusers
 [ "$best" != none ] && bench bench_fp8_attn8 --quant fp8 --self-attention "$best" --peer none
 reports=("$out/bench_fp8.json" "$out/bench_fp8_attn8.json") labels="fp8,fp8+$best"
-for mode in ${COMPILE_MODES:-}; do  # e.g. COMPILE_MODES="coordinate-descent max-autotune": inductor tuning
-    bench "bench_fp8_attn8_$mode" --quant fp8 --self-attention "$best" --peer none --compile-mode "$mode"
-    reports+=("$out/bench_fp8_attn8_$mode.json") labels+=",fp8+$best+$mode"
+IFS=';' read -ra variants <<< "${VARIANTS:-}"
+for flags in "${variants[@]}"; do  # e.g. "--no-fp8-row-kernels": the same run with one switch changed
+    tag=$(echo "$flags" | tr -s ' -' '_' | sed 's/^_//')
+    # shellcheck disable=SC2086  # the flag set is split into words on purpose
+    bench "bench_fp8_attn8_$tag" --quant fp8 --self-attention "$best" --peer none $flags
+    reports+=("$out/bench_fp8_attn8_$tag.json") labels+=",fp8+$best+$tag"
 done
 python3 benchmarks/merge_bench.py "${reports[@]}" --labels "$labels" --json "$out/bench_fast_merged.json" || true
 [ "$best" != none ] && timeout 180 python3 benchmarks/fp8_gpu.py --skip study,speed --self-attention "$best" \
-    --out "$out/quality_fp8_attn8.json" 2>&1 | tail -n 5
+    --row-kernels --out "$out/quality_fp8_attn8.json" 2>&1 | tail -n 5

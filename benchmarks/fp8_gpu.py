@@ -14,6 +14,9 @@ Random weights (``wanfast.synthetic``) at A14B dims; attention backend as ``auto
    with its experts quantised: latent relative error, decoded-video PSNR / SSIM (``wanfast.compare``).
    With ``--self-attention NAME`` (an 8-bit backend such as fa3-fp8), a third run: FP8 linears plus that
    self-attention backend, compared with the same bf16 run (``generation["fp8+" + NAME]``).
+   With ``--row-kernels``, the FP8 runs quantise the inputs of the FFN's second linear and the attention
+   output projections with ``kernels.rowquant`` (``accel.fp8.use_row_kernels``, what ``optimize_dit`` does
+   by default: the shipped fast path).
 
 Writes JSON to --out and prints one summary line per part. Measured on an H200 (torch 2.11, 2026-11-23): ~2 min wall (study
 13 s, speed 60 s, generation 16 s, plus builds and imports).
@@ -33,7 +36,15 @@ from torch import nn
 
 from wanfast import attention
 from wanfast.accel import optimize_dit
-from wanfast.accel.fp8 import DEFAULT_POLICY, LINEAR_TYPES, FP8Linear, Policy, parameter_bytes, quantize_dit_
+from wanfast.accel.fp8 import (
+    DEFAULT_POLICY,
+    LINEAR_TYPES,
+    FP8Linear,
+    Policy,
+    parameter_bytes,
+    quantize_dit_,
+    use_row_kernels,
+)
 from wanfast.accel.fuse import fuse_projections
 from wanfast.compare import compare_latents, compare_videos
 from wanfast.config import PRESETS, EngineSettings
@@ -178,7 +189,7 @@ def _quality(q, ref, seconds: float) -> dict:
 
 
 @torch.inference_mode()
-def generation(out: dict, self_attention: str | None = None) -> None:
+def generation(out: dict, self_attention: str | None = None, row_kernels: bool = False) -> None:
     pipe = random_pipeline(A14B, DEV, BF16, torch.float32, settings=replace(DEFAULT, compile=False))
     params = pipe.params("a red fox running through fresh snow", size=(480, 272), frames=17, steps=10, seed=0)
     t0 = time.perf_counter()
@@ -186,10 +197,12 @@ def generation(out: dict, self_attention: str | None = None) -> None:
     t_bf16 = time.perf_counter() - t0
     for dit in pipe.experts.values():
         quantize_dit_(dit, DEFAULT_POLICY)
+        if row_kernels:
+            use_row_kernels(dit)
     release()
     runs = {"fp8": None} if self_attention is None else {"fp8": None, f"fp8+{self_attention}": self_attention}
     gen = out["generation"] = {"size": "480x272x17", "steps": 10, "steps_per_expert": ref.steps_per_expert,
-                               "bar_psnr_db": 30.0, "eager_seconds_bf16": t_bf16}  # fmt: skip
+                               "bar_psnr_db": 30.0, "eager_seconds_bf16": t_bf16, "row_kernels": row_kernels}  # fmt: skip
     for label, backend in runs.items():
         attention.set_self_attention_backend(backend, DEV)
         t0 = time.perf_counter()
@@ -213,13 +226,16 @@ def main() -> int:
     ap.add_argument(
         "--self-attention", default=None, help="also run the generation with this self-attention backend"
     )
+    ap.add_argument(
+        "--row-kernels", action="store_true", help="FP8 runs use kernels.rowquant (use_row_kernels)"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "attention_backend": attention.set_backend("auto", DEV)}  # fmt: skip
     t0 = time.perf_counter()
     parts = (("study", error_study), ("speed", speed),
-             ("generation", lambda o: generation(o, args.self_attention)))  # fmt: skip
+             ("generation", lambda o: generation(o, args.self_attention, args.row_kernels)))  # fmt: skip
     for name, fn in parts:
         if name in skip:
             continue

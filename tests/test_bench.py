@@ -90,6 +90,7 @@ def test_compare_gives_one_entry_per_engine(with_peer):
         "cache_cross_kv": True,
         "cache_rope": True,
         "compile": None,
+        "fp8_row_kernels": True,
     }
     assert [r["vs_first"] for r in rows(report, engine="eager", impl="wanfast")] == [1.0] * len(
         rows(report, engine="eager")

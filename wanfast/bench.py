@@ -115,6 +115,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     base = EngineSettings(
         device=str(device), dtype=dtype, vae_dtype=vae_dtype, attention_backend=args.attention,
         self_attention_backend=args.self_attention, quant=args.quant, compile_mode=args.compile_mode,
+        fp8_row_kernels=not args.no_fp8_row_kernels,
     )  # fmt: skip
     engines = [Engine(n, "wanfast", engine_settings(n, base)) for n in args.compare]
     gen_engines = list(engines)
@@ -307,7 +308,8 @@ def _config(plan: Plan, args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
             "warmup": args.warmup, "gen_repeats": args.gen_repeats, "dtype": str(plan.dtype),
             "vae_dtype": str(plan.vae_dtype), "seed": args.seed, "prompt": PROMPT, "quant": args.quant,
-            "self_attention": args.self_attention, "compile_mode": args.compile_mode}  # fmt: skip
+            "self_attention": args.self_attention, "compile_mode": args.compile_mode,
+            "fp8_row_kernels": not args.no_fp8_row_kernels}  # fmt: skip
 
 
 def _engine_json(side, engine: Engine) -> dict:
@@ -391,6 +393,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--self-attention", default=None, metavar="BACKEND",
         help="wanfast's self-attention backend, e.g. the lossy sage8 (default: --attention)")  # fmt: skip
     add("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linears in every wanfast engine")
+    add("--no-fp8-row-kernels", action="store_true", help="FP8 linears quantise their input with torch ops")
     add("--compile-mode", choices=COMPILE_MODES, default=None,
         help="inductor tuning of every compiled wanfast engine (default: inductor's defaults)")  # fmt: skip
     add("--seed", type=int, default=0)

@@ -47,6 +47,8 @@ def add_engine_memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--self-attention", default=None, metavar="BACKEND",
                    help="the DiT self-attention backend only, e.g. a lossy 8-bit one (default: --attention)")  # fmt: skip
     p.add_argument("--quant", choices=["fp8"], default=None, help="lossy: FP8 e4m3 DiT linear layers")
+    p.add_argument("--no-fp8-row-kernels", action="store_true",
+                   help="FP8 linears quantise their input with torch ops, not wanfast's one-pass kernel")  # fmt: skip
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="tune inductor's kernels (longer first compile; default: inductor's defaults)")  # fmt: skip
     p.add_argument("--offload", choices=["expert", "blocks"], default=None,
@@ -214,6 +216,7 @@ def engine_settings(args: argparse.Namespace, device: str, dtype, vae_dtype) -> 
         settings,
         compile=False if args.no_compile else settings.compile,
         compile_mode=args.compile_mode,
+        fp8_row_kernels=not args.no_fp8_row_kernels,
         fuse_projections=not args.no_fuse,
         cache_cross_kv=not args.no_cache,
         cache_rope=not args.no_cache,

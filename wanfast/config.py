@@ -317,6 +317,9 @@ class EngineSettings:
     cuda_graphs: bool = False  # capture the DiT forward in a CUDA graph (off unless measured to pay)
     optimize_vae: bool = True  # VAE decode layout/algorithm choices from accel.vae (measured)
     quant: str | None = None  # lossy, opt-in: "fp8" = FP8 e4m3 DiT linears (accel.fp8)
+    # FP8 linears fed by an opaque kernel (attention out, FFN GELU) quantise their input with wanfast's
+    # one-pass Triton kernel (kernels/rowquant.py) instead of torch ops; no effect without FP8 linears
+    fp8_row_kernels: bool = True
     cfg_parallel: bool = False  # multi-GPU: cond / uncond passes on two rank groups (parallel/)
     ulysses: int = 1  # multi-GPU: sequence-parallel degree inside a group (parallel/)
     offload: str | None = None  # memory mode: "expert" (idle expert in pinned CPU memory) | "blocks"
@@ -333,4 +336,5 @@ class EngineSettings:
             cache_rope=False,
             compile=False,
             cuda_graphs=False,
+            fp8_row_kernels=False,
         )

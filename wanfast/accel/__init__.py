@@ -6,6 +6,9 @@
 2. ``quantize_dit_``: only when ``settings.quant == "fp8"`` (lossy, opt-in): the block Linears, fused ones
    included, become FP8 e4m3 per ``fp8.DEFAULT_POLICY`` (``fp8.py``); after fusion so the fused QKV / KV
    weights are what is quantised, before compile so the traced graphs hold the FP8 GEMMs;
+   then, when the DiT has FP8 linears (from ``quant`` or an FP8 checkpoint) and ``fp8_row_kernels``,
+   ``use_row_kernels``: the FFN's GELU + row quantisation and the attention output projections' row
+   quantisation become one-pass Triton kernels (``kernels/rowquant.py``);
 3. ``cache_rope``: RoPE tables once per (grid, device) (``caches.py``);
 4. ``cache_cross_kv``: text embedding and per-block cross-attention K/V once per (expert, prompt), and the
    time embedding once per step (the CFG pair shares it) (``caches.py``);
@@ -36,7 +39,7 @@ from torch import nn
 from wanfast import attention
 from wanfast.accel.caches import cache_cross_kv, cache_rope, cache_time_embedding, caches_of
 from wanfast.accel.compile import compile_blocks
-from wanfast.accel.fp8 import apply_quant, use_fp8_gemm
+from wanfast.accel.fp8 import apply_quant, fp8_modules, use_fp8_gemm, use_row_kernels
 from wanfast.accel.fuse import fuse_projections
 from wanfast.accel.graphs import CUDAGraphDiT
 from wanfast.config import EngineSettings
@@ -77,6 +80,8 @@ def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str 
     if settings.quant is not None:
         applied.append(f"quant {settings.quant} ({apply_quant(dit, settings.quant)} linears)")
         use_fp8_gemm(dit, torch.device(settings.device))  # weights on the CPU until offload streams them
+    if settings.fp8_row_kernels and fp8_modules(dit):
+        applied.append(f"fp8_row_kernels ({use_row_kernels(dit)} linears)")
     if settings.cache_rope:
         cache_rope(dit)
         applied.append("cache_rope")

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wanfast.kernels.rowquant import rowquant
+
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 _EPS = 1e-12  # amax floor: an all-zero row quantises to zeros instead of 0/0
@@ -74,6 +76,10 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(0, dtype=compute_dtype, device=device), persistent=False)
         # Decided once, not per call: a capability query inside forward would break compiled graphs.
         self.use_scaled_mm = device is not None and _scaled_mm_capable(torch.device(device))
+        # How the input rows are quantised: None = torch ops (compile fuses them into what produced x);
+        # "rows" / "gelu_rows" = kernels.rowquant's one-pass kernel, the latter with GELU-tanh applied to x
+        # first (``use_row_kernels`` moves the FFN's GELU into ffn.2 this way).
+        self.input_kernel: str | None = None
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .cuda(): re-decide the GEMM path for the new device of the weights.
@@ -95,12 +101,19 @@ class FP8Linear(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, fp8 e4m3"
+        kernel = f", input {self.input_kernel}" if self.input_kernel else ""
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, fp8 e4m3{kernel}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         # x [..., in] -> [..., out] in compute_dtype; rows = prod(...)
         lead = x.shape[:-1]
-        x8, sx = quantize_rows(x.reshape(-1, self.in_features))  # [R, in] fp8, [R, 1] fp32
+        rows = x.reshape(-1, self.in_features)
+        if self.input_kernel is None:
+            x8, sx = quantize_rows(rows)  # [R, in] fp8, [R, 1] fp32
+        else:
+            x8, sx = rowquant(rows, self.input_kernel == "gelu_rows")
         if self.use_scaled_mm and x.is_cuda:
             # qweight.t() is the column-major [in, out] operand cuBLASLt's FP8 GEMM wants, at no copy.
             y = torch._scaled_mm(x8, self.qweight.t(), scale_a=sx, scale_b=self.scale[None, :],
@@ -201,3 +214,23 @@ def apply_quant(dit: nn.Module, mode: str, policy: Policy = DEFAULT_POLICY) -> i
         raise ValueError(f"unknown quant mode {mode!r}; supported: 'fp8'")
     quantize_dit_(dit, policy)
     return len(fp8_modules(dit))
+
+
+def use_row_kernels(dit: nn.Module) -> int:
+    """Let the FP8 linears whose input comes from an opaque kernel quantise it with ``kernels.rowquant``
+    (one read of x instead of inductor's reduce-then-rewrite loops; see that module): each block's
+    ``ffn.2``, which also takes over the FFN's GELU-tanh (``ffn.1`` becomes Identity: the kernel reads
+    ``ffn.0``'s pre-activation output), and the attention output projections ``self_attn.o`` /
+    ``cross_attn.o`` (their input is the attention kernel's output). Same math as the torch ops up to
+    GELU rounding (one bf16 ulp in a few elements). Returns how many linears changed."""
+    n = 0
+    for block in getattr(dit, "blocks", ()):
+        ffn = block.ffn
+        if isinstance(ffn[2], FP8Linear) and isinstance(ffn[1], nn.GELU) and ffn[1].approximate == "tanh":
+            ffn[2].input_kernel, ffn[1] = "gelu_rows", nn.Identity()
+            n += 1
+        for attn in (block.self_attn, block.cross_attn):
+            if isinstance(attn.o, FP8Linear):
+                attn.o.input_kernel = "rows"
+                n += 1
+    return n

@@ -74,7 +74,7 @@ def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
         "device": args.device, "dtype": args.dtype, "text_encoder_device": args.text_encoder_device,
         "attention": args.attention, "self_attention": args.self_attention, "quant": args.quant,
         "offload": args.offload, "memory_budget_gb": args.memory_budget, "compile": False if args.no_compile else None,
-        "compile_mode": args.compile_mode,
+        "compile_mode": args.compile_mode, "fp8_row_kernels": not args.no_fp8_row_kernels,
     }  # fmt: skip
 
 

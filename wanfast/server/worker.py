@@ -125,6 +125,7 @@ def worker_settings(cfg: dict):
         memory_budget_gb=cfg.get("memory_budget_gb"),
         compile=cfg.get("compile"),
         compile_mode=cfg.get("compile_mode"),
+        fp8_row_kernels=cfg.get("fp8_row_kernels", True),
     )
 
 
