@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +30,8 @@ from wanfast.bench_report import (
     _vae_row,
     annotate_ratios,
     compose,
+    engine_json,
+    environment,
     format_table,
     write_png,
 )
@@ -275,9 +274,9 @@ class Bench:
             "tool": "wanfast bench",
             "schema": 1,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": _environment(self.plan.device),
+            "environment": environment(self.plan.device),
             "config": _config(self.plan, self.args),
-            "engines": [_engine_json(s, e) for s, e in self.gen_runs],
+            "engines": [engine_json(s, e) for s, e in self.gen_runs],
             "measurements": self.records,
             "checks": self.checks(),
             "notes": [
@@ -310,32 +309,6 @@ def _config(plan: Plan, args: argparse.Namespace) -> dict:
             "vae_dtype": str(plan.vae_dtype), "seed": args.seed, "prompt": PROMPT, "quant": args.quant,
             "self_attention": args.self_attention, "compile_mode": args.compile_mode,
             "fp8_row_kernels": not args.no_fp8_row_kernels}  # fmt: skip
-
-
-def _engine_json(side, engine: Engine) -> dict:
-    if engine.settings is None:
-        return {"name": engine.name, "impl": engine.impl, "settings": side.settings()}
-    settings = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in asdict(engine.settings).items()}
-    return {"name": engine.name, "impl": engine.impl, "settings": settings}
-
-
-def _environment(device: torch.device) -> dict:
-    import transformers
-
-    from wanfast.bench_peer import version
-
-    commit = os.environ.get("WANFAST_COMMIT")  # a copy of the tree may carry a stale .git, or none
-    if not commit:
-        try:
-            git = ["git", "rev-parse", "--short", "HEAD"]
-            run = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-            commit = run.stdout.strip() or "unknown"
-        except (OSError, subprocess.SubprocessError):
-            commit = "unknown"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "diffusers": version(),
-            "python": platform.python_version(), "commit": commit}  # fmt: skip
 
 
 def _names(choices: tuple[str, ...], allow_none: bool = False) -> Callable[[str], list[str]]:

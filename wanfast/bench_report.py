@@ -4,10 +4,16 @@ the PNG bar chart, all computed from the measurement records that ``wanfast.benc
 from __future__ import annotations
 
 import itertools
+import os
+import platform
 import statistics
+import subprocess
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from wanfast.bench import Engine
@@ -169,3 +175,31 @@ def write_png(report: dict, path: Path) -> str | None:
                  "time / Diffusers under each bar; hatched: composed estimate", fontsize=10)  # fmt: skip
     fig.savefig(path, dpi=120)
     return None
+
+
+def engine_json(side, engine: Engine) -> dict:
+    """An engine of the report: its name, implementation and settings (JSON-ready)."""
+    if engine.settings is None:
+        return {"name": engine.name, "impl": engine.impl, "settings": side.settings()}
+    settings = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in asdict(engine.settings).items()}
+    return {"name": engine.name, "impl": engine.impl, "settings": settings}
+
+
+def environment(device: torch.device) -> dict:
+    """Where the numbers come from: device, library versions, the commit (``WANFAST_COMMIT`` or git)."""
+    import transformers
+
+    from wanfast.bench_peer import version
+
+    commit = os.environ.get("WANFAST_COMMIT")  # a copy of the tree may carry a stale .git, or none
+    if not commit:
+        try:
+            git = ["git", "rev-parse", "--short", "HEAD"]
+            run = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+            commit = run.stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "diffusers": version(),
+            "python": platform.python_version(), "commit": commit}  # fmt: skip
