@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,3 +29,13 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(p * (1 + 0.1 * torch.randn(p.shape, generator=g)))
     return model.eval().requires_grad_(False)
+
+
+def run_in_triton_interpreter(code: str) -> str:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton reads it at import, so a test
+    process that imported triton cannot switch); assert it exits 0 and return its stdout."""
+    pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout

@@ -16,14 +16,11 @@ What runs where:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_in_triton_interpreter
 
 from wanfast import attention
 from wanfast.accel import choose_attention
@@ -32,7 +29,6 @@ from wanfast.config import PRESETS, EngineSettings
 from wanfast.kernels.attn8 import attn8_reference, quantize_blocks_reference
 from wanfast.models.dit import WanDiT
 
-ROOT = Path(__file__).resolve().parents[1]
 SAGE8 = ("sage8", "sage8-pv16", "sage8-int8")
 
 
@@ -140,12 +136,7 @@ _INTERPRETED = textwrap.dedent("""
 def test_triton_kernel_in_the_cpu_interpreter_matches_the_reference():
     """The kernel itself (INT8 Q/K, fp32 P/V: what the interpreter computes correctly) vs the reference.
     TRITON_INTERPRET must be set before triton is imported: a subprocess."""
-    pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "worst" in res.stdout
+    assert "worst" in run_in_triton_interpreter(_INTERPRETED)
 
 
 @pytest.mark.parametrize("qk,pv", [("fp8", "fp8"), ("fp8", "bf16"), ("int8", "fp8"), ("int8", "bf16")])

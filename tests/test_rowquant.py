@@ -8,23 +8,18 @@ the row kernels equals it without them on CPU (the custom op runs the torch refe
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_in_triton_interpreter
 from test_fp8 import CPU, dit_inputs, tiny_dit
 from torch import nn
 
 from wanfast.accel import optimize_dit
 from wanfast.accel.fp8 import FP8Linear, fp8_modules, quantize_rows
 from wanfast.kernels.rowquant import rowquant, rowquant_reference
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reference_is_quantize_rows_of_the_gelu_output():
@@ -69,12 +64,7 @@ _INTERPRETED = textwrap.dedent("""
 
 
 def test_triton_kernel_in_the_cpu_interpreter_matches_the_reference():
-    pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "ok" in res.stdout
+    assert "ok" in run_in_triton_interpreter(_INTERPRETED)
 
 
 @pytest.mark.parametrize("gelu", [False, True])
