@@ -28,11 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wanfast.kernels.rowquant import rowquant
-
-FP8 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
-_EPS = 1e-12  # amax floor: an all-zero row quantises to zeros instead of 0/0
+# the e4m3 row quantisation (torch ops) and its one-pass kernel live with the kernel
+from wanfast.kernels.rowquant import FP8, quantize_rows, rowquant
 
 # Linear types of a block, named as the error study and ``Policy.keep_types`` name them. Fused and
 # unfused names map to the same type, so a policy reads the same before and after fusion.
@@ -44,13 +41,6 @@ LINEAR_TYPES = {
     "ffn.0": "ffn.0", "ffn.2": "ffn.2",
 }  # fmt: skip
 _BLOCK_LINEAR = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [R, K] -> (x8 [R, K] float8_e4m3fn, scale [R, 1] float32) with x ~= x8 * scale (round to nearest)."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / E4M3_MAX
-    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
 
 
 def _scaled_mm_capable(device: torch.device) -> bool:

@@ -2,7 +2,7 @@
 
     x [R, K] bf16 -> x8 [R, K] float8_e4m3fn, scale [R, 1] float32, x ~= x8 * scale per row
 
-What ``accel.fp8.quantize_rows`` computes, as one kernel: each program holds whole rows in registers, so
+What ``quantize_rows`` (below; ``accel.fp8`` uses it) computes, as one kernel: each program holds whole rows in registers, so
 x is read from memory once (amax and the scaled cast reuse the registers). Inductor's fusion of the same
 torch ops (a looped row reduction, then a second loop that recomputes and writes) ran the FFN's
 GELU + quantisation over [75,600, 13,824] at 3.7 ms per block on an H200 (benchmarks/profile_forward.py,
@@ -20,8 +20,6 @@ interpreter (``TRITON_INTERPRET=1``), which the tests use to check it against th
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,18 +31,23 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 FP8 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-_EPS = 1e-12  # amax floor, as accel.fp8.quantize_rows: an all-zero row quantises to zeros
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+_EPS = 1e-12  # amax floor: an all-zero row quantises to zeros instead of 0/0
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [R, K] -> (x8 [R, K] float8_e4m3fn, scale [R, 1] float32) with x ~= x8 * scale (round to nearest).
+    The torch ops ``accel.fp8`` uses (compile fuses them into what produced x) and the kernel's reference."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / E4M3_MAX
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
 
 
 def rowquant_reference(x: Tensor, gelu: bool = False) -> tuple[Tensor, Tensor]:
     """Torch ops of the kernel's math: x [R, K] -> (x8 [R, K] e4m3, scale [R, 1] float32)."""
     if gelu:
         x = F.gelu(x, approximate="tanh")  # computed in float32, rounded to x's dtype, as nn.GELU
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / E4M3_MAX
-    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+    return quantize_rows(x)
 
 
 if triton is not None:
