@@ -4,9 +4,8 @@
 
 What ``quantize_rows`` (below; ``accel.fp8`` uses it) computes, as one kernel: each program holds whole
 rows in registers, so x is read from memory once (amax and the scaled cast reuse the registers). Inductor's
-fusion of the same
-torch ops (a looped row reduction, then a second loop that recomputes and writes) ran the FFN's
-GELU + quantisation over [75,600, 13,824] at 3.7 ms per block on an H200 (benchmarks/profile_forward.py,
+fusion of the same torch ops (a looped row reduction, then a second loop that recomputes and writes) ran
+the FFN's GELU + quantisation over [75,600, 13,824] at 3.7 ms per block on an H200 (benchmarks/profile_forward.py,
 2026-11-23), about 4x the time one read and one write take at the copy bandwidth.
 
 ``gelu=True`` applies GELU-tanh first, rounded to the input dtype as ``nn.GELU`` on a bf16 tensor would
