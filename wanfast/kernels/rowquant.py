@@ -6,7 +6,8 @@ What ``quantize_rows`` (below; ``accel.fp8`` uses it) computes, as one kernel: e
 rows in registers, so x is read from memory once (amax and the scaled cast reuse the registers). Inductor's
 fusion of the same torch ops (a looped row reduction, then a second loop that recomputes and writes) ran
 the FFN's GELU + quantisation over [75,600, 13,824] at 3.7 ms per block on an H200 (benchmarks/profile_forward.py,
-2026-11-23), about 4x the time one read and one write take at the copy bandwidth.
+2026-11-23), about 4x the time one read and one write take at the copy bandwidth; this kernel: 1.50 ms
+vs inductor's 3.42 in the same run (``benchmarks/rowquant_gpu.py``, BENCHMARKS.md "Run 3").
 
 ``gelu=True`` applies GELU-tanh first, rounded to the input dtype as ``nn.GELU`` on a bf16 tensor would
 be, so the kernel stands in for ``GELU -> quantize_rows`` of the FFN: ``ffn.0``'s bf16 output goes in,
