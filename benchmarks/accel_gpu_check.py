@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/accel_gpu_check.py --out accel.json [--budget-s 330]
 
-All models bf16 with random weights (``wanfast.synthetic.random_dit``). Relative error is
+All models bf16 with random weights (``wanfast.tools.synthetic.random_dit``). Relative error is
 ||out - plain|| / ||plain|| over a CFG pair of two steps (four calls). For scale, ``floor_kernel_swap`` is
 the error between two plain runs that differ only in the attention kernel (cuDNN vs flash).
 
@@ -41,9 +41,10 @@ from wanfast.accel.caches import cache_cross_kv, cache_rope, cache_time_embeddin
 from wanfast.accel.compile import compile_blocks
 from wanfast.accel.fuse import fuse_projections
 from wanfast.accel.graphs import CUDAGraphDiT
-from wanfast.config import PRESETS, EngineSettings, SamplingParams
+from wanfast.config import EngineSettings, SamplingParams
 from wanfast.pipeline import denoise
-from wanfast.synthetic import random_dit
+from wanfast.specs import SPECS
+from wanfast.tools.synthetic import random_dit
 
 BF16, DEV = torch.bfloat16, "cuda"
 TINY_LATENT, SMALL_LATENT, LATENT_480P = (1, 16, 5, 24, 32), (1, 16, 3, 16, 16), (1, 16, 21, 60, 104)
@@ -135,7 +136,7 @@ def host_syncs(fn) -> list[str]:
 
 
 def tiny_section() -> dict:
-    preset = PRESETS["tiny"]
+    preset = SPECS["tiny"]
     x, cond, uncond = make_inputs(preset.dit, TINY_LATENT)
     plain = build(preset, 1)
     refs = outputs(plain, x, (cond, uncond))
@@ -159,7 +160,7 @@ def tiny_section() -> dict:
 
 
 def tiny_denoise() -> dict:
-    preset = PRESETS["tiny"]
+    preset = SPECS["tiny"]
     params = SamplingParams(prompt="x", steps=4, shift=5.0, boundary=0.9)
     x, cond, uncond = make_inputs(preset.dit, TINY_LATENT, seed=3)
     plain = {n: build(preset, s) for n, s in (("high_noise", 1), ("low_noise", 2))}
@@ -198,7 +199,7 @@ def tiny_denoise() -> dict:
 
 
 def a14b_small_section() -> dict:
-    preset = PRESETS["t2v-A14B"]
+    preset = SPECS["t2v-A14B"]
     x, cond, uncond = make_inputs(preset.dit, SMALL_LATENT)
     plain = build(preset, 1)
     refs = outputs(plain, x, (cond, uncond))
@@ -221,13 +222,13 @@ def a14b_small_section() -> dict:
 
 def a14b_compile_alone(saved) -> dict:
     x, cond, uncond, refs = saved
-    model = optimize_dit(build(PRESETS["t2v-A14B"], 1), ALONE["compile"])
+    model = optimize_dit(build(SPECS["t2v-A14B"], 1), ALONE["compile"])
     return {"rel_err": max_err(outputs(model, x, (cond, uncond)), refs)}
 
 
 def ladder_section(repeats: int) -> dict:
     """One A14B expert at 480p; each rung adds an optimisation to the same model."""
-    preset = PRESETS["t2v-A14B"]
+    preset = SPECS["t2v-A14B"]
     x, cond, uncond = make_inputs(preset.dit, LATENT_480P)
     model = build(preset, 1)
     t = torch.full((1,), 999.0, device=DEV)

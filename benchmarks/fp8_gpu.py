@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/fp8_gpu.py --out fp8.json
 
-Random weights (``wanfast.synthetic``) at A14B dims; attention backend as ``auto`` picks (FA3 on Hopper).
+Random weights (``wanfast.tools.synthetic``) at A14B dims; attention backend as ``auto`` picks (FA3 on Hopper).
 1. error study, eager, fused projections, latents [1, 16, 3, 30, 52] (1,170 tokens), t in {900, 200}:
    the DiT output relative error ||fp8 - bf16|| / ||bf16|| when only one linear type, or only one block,
    is FP8; and everything (the default policy). Policy rule: a block stays bf16 if it alone causes more
@@ -11,7 +11,7 @@ Random weights (``wanfast.synthetic``) at A14B dims; attention backend as ``auto
    caches, compiled) bf16 vs the same + quant fp8; median of 3 after 2 warm-ups (CUDA events).
 3. Weight memory of one expert (bytes of parameters and persistent buffers), bf16 vs fp8.
 4. A 10-step two-expert generation at 480x272, 17 frames, seed 0, eager: bf16, then the same pipeline
-   with its experts quantised: latent relative error, decoded-video PSNR / SSIM (``wanfast.compare``).
+   with its experts quantised: latent relative error, decoded-video PSNR / SSIM (``wanfast.tools.compare``).
    With ``--self-attention NAME`` (an 8-bit backend such as fa3-fp8), a third run: FP8 linears plus that
    self-attention backend, compared with the same bf16 run (``generation["fp8+" + NAME]``).
    With ``--row-kernels``, the FP8 runs quantise the inputs of the FFN's second linear and the attention
@@ -46,12 +46,13 @@ from wanfast.accel.fp8 import (
     use_row_kernels,
 )
 from wanfast.accel.fuse import fuse_projections
-from wanfast.compare import compare_latents, compare_videos
-from wanfast.config import PRESETS, EngineSettings
-from wanfast.synthetic import random_dit, random_pipeline
+from wanfast.config import EngineSettings
+from wanfast.specs import SPECS
+from wanfast.tools.compare import compare_latents, compare_videos
+from wanfast.tools.synthetic import random_dit, random_pipeline
 
 BF16, DEV = torch.bfloat16, "cuda"
-A14B = PRESETS["t2v-A14B"]
+A14B = SPECS["t2v-A14B"]
 SMALL_LATENT, LATENT_480P = (1, 16, 3, 30, 52), (1, 16, 21, 60, 104)
 DEFAULT = EngineSettings(device=DEV, dtype=BF16, compile=True)
 

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from wanfast.bench_report import annotate_ratios, format_table
+from wanfast.tools.bench_report import annotate_ratios, format_table
 
 
 def merge(reports: list[dict], labels: list[str] | None = None) -> dict:

@@ -32,10 +32,11 @@ import time
 
 import torch
 
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import EngineSettings
 from wanfast.presets import sampling_overrides
 from wanfast.solvers import make_solver
-from wanfast.synthetic import random_pipeline
+from wanfast.specs import SPECS
+from wanfast.tools.synthetic import random_pipeline
 
 GiB = 2**30
 RESIDENT_STEP_S = 20.107  # median step, 40-step 720p run, all resident (see the docstring)
@@ -184,7 +185,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     start = time.perf_counter()
-    preset, dev = PRESETS[args.model], args.device
+    preset, dev = SPECS[args.model], args.device
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "model": args.model, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "commit": args.commit, "size": "1280x720", "frames": 81, "parts": {}}  # fmt: skip
     for part in args.parts.split(","):

@@ -28,12 +28,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import EngineSettings
 from wanfast.parallel import init_distributed, parallel_settings, parallelize, wanted
 from wanfast.parallel.dist import check_split
 from wanfast.pipeline import guided_prediction
 from wanfast.solvers import make_solver
-from wanfast.synthetic import random_pipeline
+from wanfast.specs import SPECS
+from wanfast.tools.synthetic import random_pipeline
 
 SPLITS = {"one": (False, 1), "cfg2": (True, 1), "u2": (False, 2), "cfg2xu2": (True, 2), "u4": (False, 4),
           "cfg2xu4": (True, 4), "u8": (False, 8)}  # fmt: skip
@@ -107,7 +108,7 @@ def main() -> None:
     ap.add_argument("--what", default="forward,step,generate")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    preset = PRESETS[args.model]
+    preset = SPECS[args.model]
     cfg_parallel, ulysses = SPLITS[args.split]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_split(cfg_parallel, ulysses, world, preset.dit.num_heads)  # before any weights are built

@@ -16,8 +16,9 @@ import time
 import torch
 
 from wanfast.accel.offload import apply_offload
-from wanfast.config import PRESETS, EngineSettings
-from wanfast.synthetic import random_pipeline
+from wanfast.config import EngineSettings
+from wanfast.specs import SPECS
+from wanfast.tools.synthetic import random_pipeline
 
 
 def forward(pipe, x, t, ctx) -> tuple[torch.Tensor, float, float]:
@@ -36,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    preset = PRESETS["t2v-A14B"]
+    preset = SPECS["t2v-A14B"]
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(1, 16, 21, 60, 104, device="cuda", generator=g)
     t = torch.tensor([900.0], device="cuda")

@@ -20,8 +20,8 @@ import time
 import torch
 
 from wanfast import attention
-from wanfast.config import PRESETS
-from wanfast.synthetic import random_pipeline
+from wanfast.specs import SPECS
+from wanfast.tools.synthetic import random_pipeline
 
 
 def git_commit() -> str:
@@ -45,7 +45,7 @@ def main() -> None:
 
     backend = attention.set_backend("auto", "cuda")
     t0 = time.perf_counter()
-    pipe = random_pipeline(PRESETS["t2v-A14B"], "cuda", torch.bfloat16, torch.float32)
+    pipe = random_pipeline(SPECS["t2v-A14B"], "cuda", torch.bfloat16, torch.float32)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30

@@ -29,8 +29,9 @@ from dataclasses import replace
 
 import torch
 
-from wanfast.bench_peer import Clock, WanfastSide, make_inputs
-from wanfast.config import PRESETS, EngineSettings, SamplingParams
+from wanfast.config import EngineSettings
+from wanfast.specs import SPECS, resolve_params
+from wanfast.tools.bench_peer import Clock, WanfastSide, make_inputs
 
 ATTENTION = re.compile(r"flash|fmha|attn|sdpa|attention", re.I)  # FA2/FA3, cuDNN SDPA, wanfast's attn8
 GEMM = re.compile(r"gemm|cutlass|nvjet|scaled_mm|xmma|cublas", re.I)
@@ -88,13 +89,12 @@ def attention_split(prof) -> dict[str, float]:
 
 @torch.inference_mode()
 def profile_variant(variant: str, size: tuple[int, int], frames: int) -> dict:
-    preset = PRESETS["t2v-A14B"]
+    preset = SPECS["t2v-A14B"]
     settings = settings_of(variant)
     side = WanfastSide(preset, torch.device("cuda"), torch.bfloat16, torch.bfloat16, 0)
     t0 = time.perf_counter()
     dit = side.build_dit(settings)
-    params = SamplingParams.from_defaults(
-        preset.defaults, "a fox", width=size[0], height=size[1], frames=frames
+    params = resolve_params(preset, "a fox", width=size[0], height=size[1], frames=frames
     )
     inp = make_inputs(preset, params, torch.device("cuda"), torch.bfloat16)
     fwd = side.forward(dit, inp)

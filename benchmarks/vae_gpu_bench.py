@@ -35,11 +35,12 @@ import torch._dynamo  # reset() after the torch.compile variants
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wanfast.accel.vae import VAEDecodeOptions, optimize_vae
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import EngineSettings
 from wanfast.loading import vae_keys
-from wanfast.synthetic import random_vae
+from wanfast.specs import SPECS
+from wanfast.tools.synthetic import random_vae
 
-PRESET = PRESETS["t2v-A14B"]  # --preset replaces it
+PRESET = SPECS["t2v-A14B"]  # --preset replaces it
 SEED = 4
 SIZES = {"720p": (21, 90, 160), "480p": (21, 60, 104), "smoke": (3, 4, 6)}  # latent (frames, h, w)
 BASELINES = ("ours_fp32", "ours_bf16", "diffusers_bf16")
@@ -233,7 +234,7 @@ def main() -> None:
     ap.add_argument("--preset", default="t2v-A14B", help="whose VAE config (tiny: for --device cpu checks)")
     args = ap.parse_args()
     global PRESET
-    PRESET = PRESETS[args.preset]
+    PRESET = SPECS[args.preset]
     known = (*BASELINES, *VARIANTS)
     names = known if args.variants == "all" else tuple(args.variants.split(","))
     sizes = args.sizes.split(",")

@@ -27,12 +27,13 @@ from wanfast.accel.caches import CrossKVCache, RopeCache, TimeEmbedCache, caches
 from wanfast.accel.compile import is_compiled
 from wanfast.accel.fuse import FusedCrossAttention, FusedSelfAttention
 from wanfast.accel.graphs import CUDAGraphDiT
-from wanfast.config import PRESETS, EngineSettings, SamplingParams
+from wanfast.config import EngineSettings, SamplingParams
 from wanfast.models import dit as dit_module
 from wanfast.models.dit import Attention, WanDiT, rope_freqs
 from wanfast.pipeline import denoise
+from wanfast.specs import SPECS
 
-CFG = PRESETS["tiny"].dit  # dim 64, 4 heads, 2 layers, text_dim 32, text_len 32
+CFG = SPECS["tiny"].dit  # dim 64, 4 heads, 2 layers, text_dim 32, text_len 32
 TOL = 1e-5
 COMPILE_BACKEND = os.environ.get("WANFAST_TEST_COMPILE_BACKEND", "aot_eager")
 ALL = EngineSettings(device="cpu", dtype=torch.float32, compile=True)  # every switch on but cuda_graphs
@@ -323,9 +324,9 @@ def test_cuda_graph_wrapper_logic(plain):
 
 
 def test_pipeline_is_optimized_and_reset_per_request():
-    from wanfast.synthetic import random_pipeline
+    from wanfast.tools.synthetic import random_pipeline
 
-    preset = PRESETS["tiny"]
+    preset = SPECS["tiny"]
     pipes = [random_pipeline(preset, "cpu", torch.float32, torch.float32, settings=s) for s in (None, PLAIN)]
     fast, slow = pipes
     assert fast.settings.fuse_projections and fast.settings.compile is None  # defaults: compile off on CPU

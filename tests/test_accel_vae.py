@@ -19,11 +19,12 @@ import torch
 from helpers import randomize, rel_err
 
 from wanfast.accel.vae import FastWanVAE, VAEDecodeOptions, optimize_vae
-from wanfast.config import PRESETS, EngineSettings, VAEConfig
+from wanfast.config import EngineSettings, VAEConfig
 from wanfast.models.vae import CausalConv3d, WanVAE
+from wanfast.specs import SPECS
 
 CPU = EngineSettings(device="cpu")
-CONFIGS = {"tiny": PRESETS["tiny"].vae, "nrb2": VAEConfig(dim=8, num_res_blocks=2)}
+CONFIGS = {"tiny": SPECS["tiny"].vae, "nrb2": VAEConfig(dim=8, num_res_blocks=2)}
 OPTIONS = {
     "default": {},  # channels_last, causal conv, fused norm (eager on CPU) into its buffer, sub-pixel, prealloc
     "split": dict(conv2d_split=True),

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from wanfast import attention
 from wanfast.accel import choose_attention
 from wanfast.attention import Backend
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import EngineSettings
 from wanfast.models.dit import WanDiT
+from wanfast.specs import SPECS
 
 
 def reference(q, k, v):
@@ -85,7 +86,7 @@ def test_override_is_logged_and_kept_by_auto(caplog):
 
 
 def test_fake_backend_is_called_with_BLHD_tensors():
-    cfg = PRESETS["tiny"].dit  # 4 heads of 16, 2 layers, text_len 32
+    cfg = SPECS["tiny"].dit  # 4 heads of 16, 2 layers, text_len 32
     calls = []
 
     def factory():

@@ -25,9 +25,10 @@ from helpers import run_in_triton_interpreter
 from wanfast import attention
 from wanfast.accel import choose_attention
 from wanfast.accel.fuse import fuse_projections
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import EngineSettings
 from wanfast.kernels.attn8 import attn8_reference, quantize_blocks_reference
 from wanfast.models.dit import WanDiT
+from wanfast.specs import SPECS
 
 SAGE8 = ("sage8", "sage8-pv16", "sage8-int8")
 
@@ -222,7 +223,7 @@ def test_unavailable_self_attention_backend_fails_clearly(registry):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_self_attention_slot_serves_self_attention_only(registry, fused, caplog):
-    cfg = PRESETS["tiny"].dit  # 4 heads of 16, 2 layers, text_len 32
+    cfg = SPECS["tiny"].dit  # 4 heads of 16, 2 layers, text_len 32
     calls = {"self": [], "all": []}
 
     def counting(slot):

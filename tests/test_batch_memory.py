@@ -16,12 +16,13 @@ import wanfast.pipeline
 from wanfast.accel.offload import MemoryBudgetError, estimate_memory, weight_sizes
 from wanfast.api import GiB, load_pipeline, model_preset, plan_memory
 from wanfast.cli import build_parser, engine_settings, main
-from wanfast.config import PRESETS, EngineSettings, SamplingParams
+from wanfast.config import EngineSettings, SamplingParams
 from wanfast.loading.layout import detect_layout
 from wanfast.server.cli import check_memory, worker_config
 from wanfast.server.schemas import VideoRequest, validate_request
 from wanfast.server.worker import worker_settings
-from wanfast.testing import write_official_checkpoint
+from wanfast.specs import SPECS
+from wanfast.tools.testing import write_official_checkpoint
 from wanfast.video import read_mp4
 
 SMALL = ["--size", "32x32", "--frames", "5", "--steps", "1", "--device", "cpu", "--dtype", "fp32"]
@@ -155,12 +156,12 @@ def test_new_generate_flags_map_to_settings_and_params(no_loading, capsys):
     args = parse("--t5-cpu", "--self-attention", "sage8", "--memory-budget", "24", "--step-cache", "0.05")
     s = engine_settings(args, "cuda", torch.bfloat16, torch.float32)
     assert (s.text_encoder_device, s.self_attention_backend, s.memory_budget_gb) == ("cpu", "sage8", 24.0)
-    assert _params(args, PRESETS["tiny"].defaults).step_cache_threshold == 0.05
+    assert _params(args, SPECS["tiny"].defaults).step_cache_threshold == 0.05
     default = engine_settings(parse(), "cuda", torch.bfloat16, torch.float32)
     assert (default.text_encoder_device, default.self_attention_backend, default.memory_budget_gb) == (
         None,
     ) * 3
-    assert _params(parse(), PRESETS["tiny"].defaults).step_cache_threshold == 0.0  # off by default
+    assert _params(parse(), SPECS["tiny"].defaults).step_cache_threshold == 0.0  # off by default
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--step-cache", "-1"]) == 2
     assert "step_cache_threshold must be >= 0" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--memory-budget", "0"]) == 2
@@ -173,14 +174,14 @@ def test_new_generate_flags_map_to_settings_and_params(no_loading, capsys):
 @pytest.fixture(scope="module")
 def deep_tiny(tmp_path_factory):
     """A tiny checkpoint with 8 blocks: deep enough that streaming blocks needs less than one expert."""
-    tiny = PRESETS["tiny"]
+    tiny = SPECS["tiny"]
     preset = replace(tiny, dit=replace(tiny.dit, num_layers=8))
     return write_official_checkpoint(tmp_path_factory.mktemp("deep"), preset, seed=3)
 
 
 def needs(folder, size=(32, 32), frames=5) -> dict:
     preset, fp8 = model_preset(detect_layout(folder))
-    assert preset.dit.num_layers == 8 and preset.text_encoder == PRESETS["tiny"].text_encoder and not fp8
+    assert preset.dit.num_layers == 8 and preset.text_encoder == SPECS["tiny"].text_encoder and not fp8
     need = {
         m: estimate_memory(preset, size, frames, m, dtype=torch.float32) for m in (None, "expert", "blocks")
     }
@@ -270,7 +271,7 @@ def test_api_load_pipeline_picks_the_same_mode(deep_tiny, caplog):
 
 
 def test_estimates_count_fp8_and_the_text_encoder_placement():
-    a14b = PRESETS["t2v-A14B"]
+    a14b = SPECS["t2v-A14B"]
     bf16, fp8 = weight_sizes(a14b), weight_sizes(a14b, quant="fp8")
     assert 0.45 < fp8.expert / bf16.expert < 0.55 and fp8.non_block == bf16.non_block
     assert weight_sizes(a14b, text_encoder_on_device=False).text_encoder == 0 < bf16.text_encoder
@@ -315,7 +316,7 @@ def test_serve_rejects_a_request_its_budget_cannot_hold_before_queueing(tmp_path
     from wanfast.server.app import ServerSettings, create_app
     from wanfast.server.jobs import JobStore
 
-    tiny = PRESETS["tiny"]
+    tiny = SPECS["tiny"]
     d = tiny.defaults
     kw = dict(dtype=torch.float32, text_encoder_on_device=True)
     resident = estimate_memory(tiny, d.size, d.frames, None, **kw)
@@ -343,7 +344,7 @@ def test_serve_rejects_a_request_its_budget_cannot_hold_before_queueing(tmp_path
 
 
 def test_job_body_accepts_cfg_steps_and_step_cache_threshold():
-    defaults = PRESETS["tiny"].defaults
+    defaults = SPECS["tiny"].defaults
     stored, params = validate_request(
         VideoRequest(prompt="a cat", cfg_steps=2, step_cache_threshold=0.05), defaults, 100
     )

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from wanfast import bench
-from wanfast.bench_peer import Clock
 from wanfast.config import ConfigError, EngineSettings
+from wanfast.tools import bench
+from wanfast.tools.bench_peer import Clock
 
 SMALL = ["--model", "tiny", "--sizes", "32x32", "--frames", "5", "--steps", "2", "--repeats", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -206,7 +206,7 @@ def test_missing_matplotlib_is_said_loudly(with_peer, tmp_path, monkeypatch, cap
 
 
 def test_missing_accel_fails_loudly(monkeypatch):
-    from wanfast import bench_peer
+    from wanfast.tools import bench_peer
 
     monkeypatch.setitem(sys.modules, "wanfast.accel", None)  # as if the package were absent
     monkeypatch.setitem(sys.modules, "wanfast.accel.vae", None)
@@ -230,12 +230,12 @@ def test_diffusers_transformer_built_on_meta_equals_a_plain_build():
     """The peer's DiT is built on meta and materialised on the device; its non-persistent RoPE buffers and
     its outputs must equal those of an ordinary build with the same random values."""
     diffusers = pytest.importorskip("diffusers")
-    from wanfast.bench_peer import _init_kwargs, pad_text, random_transformer
-    from wanfast.config import PRESETS
     from wanfast.loading import dit_keys
-    from wanfast.synthetic import randomize_
+    from wanfast.specs import SPECS
+    from wanfast.tools.bench_peer import _init_kwargs, pad_text, random_transformer
+    from wanfast.tools.synthetic import randomize_
 
-    preset = PRESETS["tiny"]
+    preset = SPECS["tiny"]
     model = random_transformer(preset, torch.device("cpu"), torch.float32, seed=5)
     cls = diffusers.WanTransformer3DModel
     ref = randomize_(cls.from_config(_init_kwargs(cls, dit_keys.diffusers_config_json(preset.dit))), 5).eval()

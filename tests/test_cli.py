@@ -91,7 +91,7 @@ def test_bad_checkpoint_folder_fails_before_loading(no_loading, tmp_path, capsys
     assert main(["generate", "--ckpt-dir", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
     assert main(["generate", "--ckpt-dir", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 2
-    assert "neither the official Wan2.2 layout" in capsys.readouterr().err
+    assert "neither an official Wan2.2 layout" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -156,7 +156,7 @@ def test_sampling_preset_then_explicit_flags():
 
     def params(*flags):
         args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", *flags])
-        return _params(args, wanfast.config.PRESETS["tiny"].defaults)
+        return _params(args, wanfast.specs.SPECS["tiny"].defaults)
 
     p = params("--sampling-preset", "lightning-4step")
     assert (p.steps, p.solver, p.shift, p.guidance_high_noise, p.guidance_low_noise) == (
@@ -194,7 +194,7 @@ def test_out_of_memory_names_the_mode_that_would_fit(monkeypatch, tmp_path, caps
     from wanfast.cli import out_of_memory_message
 
     msg = out_of_memory_message(
-        wanfast.config.PRESETS["t2v-A14B"], wanfast.config.SamplingParams("x"), "cuda"
+        wanfast.specs.SPECS["t2v-A14B"], wanfast.config.SamplingParams("x"), "cuda"
     )
     assert "--offload expert needs" in msg and "use --offload expert" in msg  # 60 GiB: expert mode fits
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wanfast import compare
+from wanfast.tools import compare
 from wanfast.video import write_mp4
 
 

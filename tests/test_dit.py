@@ -8,11 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from wanfast.config import PRESETS, ConfigError, DiTConfig
+from wanfast.config import ConfigError, DiTConfig
 from wanfast.loading import dit_keys
 from wanfast.models.dit import WanDiT, rope_freqs
+from wanfast.specs import SPECS
 
-CFG = PRESETS["tiny"].dit  # dim 64, 4 heads, 2 layers, text_dim 32, text_len 32
+CFG = SPECS["tiny"].dit  # dim 64, 4 heads, 2 layers, text_dim 32, text_len 32
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -187,7 +188,7 @@ def test_unknown_keys_raise():
 
 VARIANTS = [
     CFG,
-    PRESETS["t2v-A14B"].dit,
+    SPECS["t2v-A14B"].dit,
     replace(CFG, dim=96, ffn_dim=80, num_heads=8, num_layers=3, freq_dim=16, text_len=20, text_dim=24),
     replace(CFG, in_dim=8, out_dim=12, patch_size=(2, 2, 1), eps=1e-5, cross_attn_norm=False),
 ]
@@ -200,7 +201,7 @@ def test_config_round_trips(cfg):
 
 
 def test_config_files_look_real():
-    big = PRESETS["t2v-A14B"].dit
+    big = SPECS["t2v-A14B"].dit
     official = dit_keys.official_config_json(big)
     assert official["_class_name"] == "WanModel" and official["model_type"] == "t2v"
     # the published high_noise_model/config.json records neither text_dim nor patch_size nor the norms

@@ -23,14 +23,15 @@ from wanfast.accel.fp8 import (
     quantize_dit_,
     quantize_rows,
 )
+from wanfast.accel.fp8_checkpoint import MARKER, is_fp8_checkpoint, load_fp8_transformer
 from wanfast.accel.fuse import fuse_projections
-from wanfast.config import PRESETS, EngineSettings
-from wanfast.loading.fp8_checkpoint import MARKER, is_fp8_checkpoint, load_fp8_transformer
+from wanfast.config import EngineSettings
 from wanfast.loading.layout import load_transformer
 from wanfast.models.dit import WanDiT
-from wanfast.quantize import quantize_checkpoint
+from wanfast.specs import SPECS
+from wanfast.tools.quantize import quantize_checkpoint
 
-TINY = PRESETS["tiny"].dit
+TINY = SPECS["tiny"].dit
 CPU = EngineSettings(device="cpu", dtype=torch.float32, compile=False)
 
 
@@ -193,12 +194,12 @@ def test_gemm_path_follows_the_run_device_not_where_weights_were_built(monkeypat
     )
     monkeypatch.setattr(accel, "choose_attention", lambda settings: "sdpa")
     torch.manual_seed(0)
-    dit = WanDiT(PRESETS["tiny"].dit).eval()  # built on the CPU
+    dit = WanDiT(SPECS["tiny"].dit).eval()  # built on the CPU
     settings = EngineSettings(device="cuda", quant="fp8", compile=None)
     optimize_dit(dit, settings)
     layers = list(fp8_modules(dit).values())
     assert layers and all(layer.use_scaled_mm for layer in layers)
     assert compiled == [dit]
-    dit2 = WanDiT(PRESETS["tiny"].dit).eval()
+    dit2 = WanDiT(SPECS["tiny"].dit).eval()
     optimize_dit(dit2, replace(settings, device="cpu"))
     assert not any(layer.use_scaled_mm for layer in fp8_modules(dit2).values()) and compiled == [dit]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from wanfast import CheckpointError, detect_layout, load_text_encoder, load_transformer, load_vae
-from wanfast.config import PRESETS
 from wanfast.loading.checkpoint import safetensors_files
+from wanfast.specs import SPECS
 
 
 def test_detect_layouts(tiny_official, tiny_diffusers):
@@ -21,7 +21,7 @@ def test_detect_layouts(tiny_official, tiny_diffusers):
         and dif.high_noise.name == "transformer"
         and dif.low_noise.name == "transformer_2"
     )
-    assert dif.boundary == PRESETS["tiny"].defaults.boundary
+    assert dif.boundary == SPECS["tiny"].defaults.boundary
 
 
 def test_wrong_or_missing_folder(tmp_path, tiny_official):
@@ -40,7 +40,7 @@ def test_wrong_or_missing_folder(tmp_path, tiny_official):
 def test_both_layouts_load_the_same_transformer(tiny_official, tiny_diffusers):
     a = load_transformer(tiny_official / "high_noise_model", "cpu", torch.float32)
     b = load_transformer(tiny_diffusers / "transformer", "cpu", torch.float32)
-    assert a.cfg == b.cfg == PRESETS["tiny"].dit  # architecture read from config.json
+    assert a.cfg == b.cfg == SPECS["tiny"].dit  # architecture read from config.json
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -67,7 +67,7 @@ def test_vae_and_text_encoder_load_from_both_layouts(tiny_official, tiny_diffuse
         tiny_diffusers / "text_encoder", tiny_diffusers / "tokenizer", "cpu", torch.float32
     )
     ea, eb = ta.encode(["a cat on a mat"])[0], tb.encode(["a cat on a mat"])[0]
-    assert ea.shape[-1] == PRESETS["tiny"].text_encoder.dim and torch.equal(ea, eb)
+    assert ea.shape[-1] == SPECS["tiny"].text_encoder.dim and torch.equal(ea, eb)
 
 
 def test_missing_shard_is_named(tmp_path, tiny_official):

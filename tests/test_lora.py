@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from wanfast.api import load_pipeline
-from wanfast.config import PRESETS, ConfigError, EngineSettings, SamplingParams
+from wanfast.config import ConfigError, EngineSettings
 from wanfast.loading.checkpoint import CheckpointError
 from wanfast.loading.lora import (
     LoRALinear,
@@ -21,9 +21,10 @@ from wanfast.loading.lora import (
 )
 from wanfast.models.dit import WanDiT
 from wanfast.presets import SAMPLING_PRESETS, sampling_overrides
-from wanfast.testing import write_official_checkpoint
+from wanfast.specs import SPECS, resolve_params
+from wanfast.tools.testing import write_official_checkpoint
 
-CFG = PRESETS["tiny"].dit
+CFG = SPECS["tiny"].dit
 RANK = 4
 # (official module, Diffusers module) pairs covered by the test files: attention, FFN and top-level Linears
 TARGETS = [
@@ -185,7 +186,7 @@ def test_separate_mode_refuses_fusion_and_compile():
 
 
 def test_load_pipeline_applies_each_file_to_its_expert(tmp_path):
-    ckpt = write_official_checkpoint(tmp_path / "ckpt", PRESETS["tiny"])
+    ckpt = write_official_checkpoint(tmp_path / "ckpt", SPECS["tiny"])
     base = load_pipeline(
         ckpt, settings=EngineSettings(device="cpu", dtype=torch.float32, vae_dtype=torch.float32).plain()
     )
@@ -215,7 +216,7 @@ def test_load_pipeline_applies_each_file_to_its_expert(tmp_path):
 
 def test_lightning_preset_overrides():
     over = sampling_overrides("lightning-4step")
-    p = SamplingParams.from_defaults(PRESETS["t2v-A14B"].defaults, "a cat", **over)
+    p = resolve_params(SPECS["t2v-A14B"], "a cat", **over)
     assert (p.steps, p.guidance_high_noise, p.guidance_low_noise, p.solver, p.shift, p.boundary) == (
         4,
         1.0,

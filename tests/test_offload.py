@@ -14,11 +14,12 @@ import torch
 from wanfast import load_pipeline
 from wanfast.accel import offload
 from wanfast.accel.offload import MemoryBudgetError, choose_mode, estimate_memory, weight_sizes
-from wanfast.config import PRESETS, EngineSettings
-from wanfast.testing import write_official_checkpoint
+from wanfast.config import EngineSettings
+from wanfast.specs import SPECS
+from wanfast.tools.testing import write_official_checkpoint
 
 LAYERS = 4
-PRESET = replace(PRESETS["tiny"], dit=replace(PRESETS["tiny"].dit, num_layers=LAYERS))
+PRESET = replace(SPECS["tiny"], dit=replace(SPECS["tiny"].dit, num_layers=LAYERS))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def poisoned(monkeypatch):
 def _pipe(ckpt, mode: str | None, **kw):
     settings = EngineSettings(device="cpu", dtype=torch.float32, vae_dtype=torch.float32, offload=mode, **kw)
     pipe = load_pipeline(ckpt, settings=settings)
-    pipe.defaults = PRESET.defaults
+    pass  # the spec comes from the checkpoint
     return _rehome(pipe) if mode == "blocks" else pipe
 
 
@@ -140,7 +141,7 @@ def test_expert_swaps_once_at_boundary(ckpt):
 
 
 def test_estimate_and_chooser():
-    big = PRESETS["t2v-A14B"]
+    big = SPECS["t2v-A14B"]
     sizes = weight_sizes(big)
     assert 27e9 < sizes.expert < 30e9  # ~14.3B parameters in bf16
     size, frames = (1280, 720), 81

@@ -23,9 +23,10 @@ from safetensors.torch import load_file
 
 from wanfast.accel.compile import compile_blocks
 from wanfast.api import load_pipeline
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import EngineSettings
 from wanfast.parallel.vae import parallel_decode, ramp, tiles
-from wanfast.testing import write_official_checkpoint
+from wanfast.specs import SPECS
+from wanfast.tools.testing import write_official_checkpoint
 
 STEPS, SEED, PROMPT = 2, 5, "a cat"  # timesteps 999, 833: one step of each expert
 SIZES = {27: (48, 48), 36: (64, 48)}  # tokens -> (width, height); grid (3, 3, 3) and (3, 3, 4)
@@ -45,7 +46,7 @@ def _settings(**kw) -> EngineSettings:
 
 def _pipe(folder: Path, **kw):
     pipe = load_pipeline(folder, settings=_settings(**kw))
-    pipe.defaults = PRESETS["tiny"].defaults
+    pass  # the spec comes from the checkpoint
     return pipe
 
 
@@ -92,7 +93,7 @@ def _worker(rank: int, world: int, port: int, folder: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return write_official_checkpoint(tmp_path_factory.mktemp("tiny"), PRESETS["tiny"], seed=0)
+    return write_official_checkpoint(tmp_path_factory.mktemp("tiny"), SPECS["tiny"], seed=0)
 
 
 @pytest.fixture(scope="module")

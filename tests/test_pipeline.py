@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from wanfast import load_pipeline
-from wanfast.config import PRESETS, ConfigError
+from wanfast.config import ConfigError
 from wanfast.pipeline import denoise
 from wanfast.solvers import make_solver
+from wanfast.specs import SPECS, resolve_params
 from wanfast.video import read_mp4, write_mp4
 
 GEN = dict(
@@ -66,11 +67,8 @@ def test_initial_noise_is_the_official_recipe(pipes):
 def test_expert_switch_and_guidance():
     calls = []
     steps, shift, boundary = 6, 5.0, 0.9
-    params = PRESETS["tiny"].defaults
-    from wanfast.config import SamplingParams
-
-    p = SamplingParams.from_defaults(
-        params,
+    p = resolve_params(
+        SPECS["tiny"],
         "x",
         steps=steps,
         shift=shift,
@@ -106,9 +104,8 @@ def test_expert_switch_and_guidance():
 
 def test_guidance_one_runs_a_single_pass():
     calls = []
-    from wanfast.config import SamplingParams
 
-    p = SamplingParams.from_defaults(PRESETS["tiny"].defaults, "x", steps=3, guidance_high_noise=1.0,
+    p = resolve_params(SPECS["tiny"], "x", steps=3, guidance_high_noise=1.0,
                                      guidance_low_noise=1.0)  # fmt: skip
     denoise(_fake_experts(calls), torch.randn(16, 1, 2, 2), [torch.ones(2, 2)], [torch.zeros(2, 2)], p)
     assert len(calls) == 3
@@ -195,9 +192,8 @@ def test_bad_requests_fail_before_any_model_runs(pipes):
 
 
 def test_guidance_truncation_equals_the_plain_path_before_the_cut():
-    from wanfast.config import SamplingParams
 
-    base = SamplingParams.from_defaults(PRESETS["tiny"].defaults, "x", steps=6, boundary=0.5)
+    base = resolve_params(SPECS["tiny"], "x", steps=6, boundary=0.5)
     noise = torch.randn(16, 2, 2, 2)
     runs = {}
     for k in (None, 3, 0):

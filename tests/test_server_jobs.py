@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from wanfast.config import PRESETS
 from wanfast.server.jobs import JobStore, NotOwner, QueueFull
 from wanfast.server.schemas import VideoRequest, validate_request
+from wanfast.specs import SPECS
 
 REQ = {"prompt": "a cat", "steps": 4}
 
@@ -127,7 +127,7 @@ def test_fencing_keeps_an_orphaned_worker_out(store, tmp_path):
 
 
 def test_validate_request_shares_the_pipeline_rules():
-    defaults, limit = PRESETS["tiny"].defaults, 50
+    defaults, limit = SPECS["tiny"].defaults, 50
     ok, params = validate_request(
         VideoRequest(prompt="a cat", size="64x32", frames=5, fps=8), defaults, limit
     )

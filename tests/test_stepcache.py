@@ -22,9 +22,10 @@ from helpers import rel_err
 from wanfast.accel.graphs import CUDAGraphDiT
 from wanfast.accel.stepcache import StepCache, installed
 from wanfast.api import load_pipeline
-from wanfast.config import PRESETS, ConfigError, EngineSettings
+from wanfast.config import ConfigError, EngineSettings
 from wanfast.models.dit import WanDiT
-from wanfast.testing import write_official_checkpoint
+from wanfast.specs import SPECS
+from wanfast.tools.testing import write_official_checkpoint
 
 PROMPT, GEN = "a cat", dict(size=(64, 48), steps=12, seed=3)
 STEPS, HIGH_STEPS = 12, 5
@@ -39,7 +40,7 @@ def _settings(**kw) -> EngineSettings:
 
 def _pipe(folder: Path, settings: EngineSettings):
     pipe = load_pipeline(folder, settings=settings)
-    pipe.defaults = PRESETS["tiny"].defaults
+    pass  # the spec comes from the checkpoint
     return pipe
 
 
@@ -58,7 +59,7 @@ def _recording(pipe) -> list[StepCache]:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return write_official_checkpoint(tmp_path_factory.mktemp("tiny"), PRESETS["tiny"], seed=0)
+    return write_official_checkpoint(tmp_path_factory.mktemp("tiny"), SPECS["tiny"], seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import UMT5EncoderModel
 
-from wanfast.config import PRESETS, TextEncoderConfig
+from wanfast.config import TextEncoderConfig
 from wanfast.loading.t5_keys import (
     HF_EMBED,
     HF_EMBED_TIED,
@@ -21,21 +21,22 @@ from wanfast.loading.t5_keys import (
     hf_to_official,
     official_to_hf,
 )
-from wanfast.models.text_encoder import (
+from wanfast.loading.text_encoder import (
     build_text_encoder,
-    clean_prompt,
     load_diffusers_text_encoder,
     load_official_text_encoder,
     load_tokenizer,
 )
-from wanfast.testing_text import (
+from wanfast.models.text_encoder import clean_prompt
+from wanfast.specs import SPECS
+from wanfast.tools.testing_text import (
     random_official_t5_state_dict,
     write_diffusers_t5,
     write_official_t5,
     write_tiny_tokenizer,
 )
 
-CFG = PRESETS["tiny"].text_encoder
+CFG = SPECS["tiny"].text_encoder
 SEED = 7
 PROMPTS = [
     "the cat walks on the street",

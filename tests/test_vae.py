@@ -10,9 +10,10 @@ import pytest
 import torch
 from helpers import randomize, rel_err
 
-from wanfast.config import PRESETS, ConfigError, VAEConfig
+from wanfast.config import ConfigError, VAEConfig
 from wanfast.loading import vae_keys
 from wanfast.models.vae import WanVAE
+from wanfast.specs import SPECS
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKLWan = diffusers.AutoencoderKLWan
@@ -139,7 +140,7 @@ def test_unknown_key_raises():
     "cfg",
     [
         VAEConfig(),  # the real Wan2.1 VAE
-        PRESETS["tiny"].vae,
+        SPECS["tiny"].vae,
         VAEConfig(dim=4, dim_mult=(1, 2, 2), num_res_blocks=3, temporal_downsample=(True, False)),
         VAEConfig(dim=6, dim_mult=(1, 3, 2, 2, 1), temporal_downsample=(False, False, True, False)),
     ],

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_pipeline": "wanfast.api",
     "tiny_pipeline": "wanfast.api",
-    "PRESETS": "wanfast.config",
+    "SPECS": "wanfast.config",
     "ConfigError": "wanfast.config",
     "DiTConfig": "wanfast.config",
     "EngineSettings": "wanfast.config",

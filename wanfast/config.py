@@ -128,86 +128,23 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
-class SamplingDefaults:
-    """A preset's recommended sampling parameters (the official ``generate.py`` defaults)."""
-
-    size: tuple[int, int] = (1280, 720)  # (width, height)
-    frames: int = 81
-    steps: int = 40
-    shift: float = 12.0
-    boundary: float = 0.875
-    guidance_high_noise: float = 4.0
-    guidance_low_noise: float = 3.0
-    solver: str = "unipc"
-    fps: int = 16
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    name: str
-    dit: DiTConfig
-    vae: VAEConfig
-    text_encoder: TextEncoderConfig
-    defaults: SamplingDefaults
-    num_experts: int = 2
-
-
-PRESETS: dict[str, ModelPreset] = {
-    "t2v-A14B": ModelPreset(
-        name="t2v-A14B",
-        dit=DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-        vae=VAEConfig(),
-        text_encoder=TextEncoderConfig(),
-        defaults=SamplingDefaults(),
-    ),
-    # Recorded for later work: TI2V-5B uses the Wan2.2 VAE (48 channels, stride 4x16x16), one expert.
-    "ti2v-5B": ModelPreset(
-        name="ti2v-5B",
-        dit=DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
-        vae=VAEConfig(),  # placeholder until the Wan2.2 VAE lands; not loadable yet
-        text_encoder=TextEncoderConfig(),
-        defaults=SamplingDefaults(
-            size=(1280, 704),
-            frames=121,
-            steps=50,
-            shift=5.0,
-            boundary=0.0,
-            guidance_high_noise=5.0,
-            guidance_low_noise=5.0,
-            fps=24,
-        ),  # fmt: skip
-        num_experts=1,
-    ),
-    # Small random-weight model for demos and CPU tests: same structure, tiny dims.
-    "tiny": ModelPreset(
-        name="tiny",
-        dit=DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_len=32, text_dim=32),
-        vae=VAEConfig(dim=8, num_res_blocks=1),
-        text_encoder=TextEncoderConfig(
-            vocab_size=512, dim=32, ffn_dim=64, num_heads=4, num_layers=2, head_dim=8, text_len=32
-        ),
-        defaults=SamplingDefaults(size=(64, 48), frames=9, steps=4, shift=5.0),
-    ),
-}
-
-
-@dataclass(frozen=True)
 class SamplingParams:
-    """One request. Validated on construction, before any weights load."""
+    """One request, validated on construction, before any weights load. The model's values (size,
+    frames, steps, ...) have no defaults here: ``wanfast.specs.resolve_params`` fills them from the model's
+    ``SamplingDefaults``, and checks its own rules (size multiple, frames per VAE stride)."""
 
     prompt: str
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    width: int = 1280
-    height: int = 720
-    frames: int = 81
-    steps: int = 40
+    negative_prompt: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    solver: str
+    shift: float
+    guidance_high_noise: float  # a one-expert model's scale is held in both guidance fields
+    guidance_low_noise: float
+    boundary: float  # unused by a one-expert model
     seed: int = 0
-    solver: str = "unipc"
-    shift: float = 12.0
-    guidance_high_noise: float = 4.0
-    guidance_low_noise: float = 3.0
-    boundary: float = 0.875
     cfg_steps: int | None = None  # guidance truncation: CFG for the first K steps only (None: every step)
     # step caching (lossy, opt-in): a DiT forward is skipped while the accumulated relative change of the
     # first block's modulated input stays under this threshold; 0.0 = off (accel/stepcache.py)
@@ -216,12 +153,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ConfigError("prompt must be a non-empty string")
-        for name in ("width", "height"):
+        # the model's own rules (size multiple, frames per VAE stride) are ``specs.check_params``'
+        for name in ("width", "height", "frames"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 16:
-                raise ConfigError(f"{name} must be a positive multiple of 16, got {v!r}")
-        if not isinstance(self.frames, int) or self.frames < 1 or (self.frames - 1) % 4:
-            raise ConfigError(f"frames must be 4n+1 (1, 5, 9, ..., 81), got {self.frames!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.solver not in SOLVERS:
@@ -241,32 +177,8 @@ class SamplingParams:
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed!r}")
 
-    @classmethod
-    def from_defaults(cls, defaults: SamplingDefaults, prompt: str, **overrides: object) -> SamplingParams:
-        """Preset defaults, then every override that is not None."""
-        base = dict(
-            prompt=prompt,
-            negative_prompt=defaults.negative_prompt,
-            width=defaults.size[0],
-            height=defaults.size[1],
-            frames=defaults.frames,
-            steps=defaults.steps,
-            solver=defaults.solver,
-            shift=defaults.shift,
-            guidance_high_noise=defaults.guidance_high_noise,
-            guidance_low_noise=defaults.guidance_low_noise,
-            boundary=defaults.boundary,
-        )
-        names = {f.name for f in fields(cls)}
-        for k, v in overrides.items():
-            if k not in names:
-                raise ConfigError(f"unknown sampling parameter {k!r}")
-            if v is not None:
-                base[k] = v
-        return cls(**base)
-
     def latent_shape(self, vae: VAEConfig) -> tuple[int, int, int, int]:
-        """[C, F', H/8, W/8] of the initial noise, as the official pipeline draws it."""
+        """[C, F', H/s, W/s] of the initial noise (s: the VAE's spatial stride), as official."""
         return (
             vae.z_dim,
             (self.frames - 1) // vae.temporal_stride + 1,
@@ -298,10 +210,10 @@ class EngineSettings:
     e.g. torch.compile only on CUDA). ``plain()`` turns every one off: the eager reference path.
     """
 
-    device: str = "cuda"
-    dtype: torch.dtype = torch.bfloat16
+    device: str | None = None  # None: "cuda" when available, else "cpu" (``resolved``)
+    dtype: torch.dtype | None = None  # DiT and text encoder; None: bf16 on CUDA, fp32 on the CPU
     text_encoder_device: str | None = None  # None: same as ``device``
-    vae_dtype: torch.dtype | None = None  # None: same as ``dtype``
+    vae_dtype: torch.dtype | None = None  # None: float32, as the official pipeline runs its VAE
     attention_backend: str = "auto"
     # the DiT's self-attention only (cross-attention keeps attention_backend); None: attention_backend.
     # The lossy 8-bit kernels are meant for this slot: self-attention is ~70% of a 720p forward.
@@ -329,6 +241,7 @@ class EngineSettings:
     lora_merge: bool = True  # merged into the weights (no runtime cost) or kept separate and switchable
 
     def plain(self) -> EngineSettings:
+        """Every optimisation off, the VAE decode rewrite included: the eager reference path."""
         return replace(
             self,
             fuse_projections=False,
@@ -337,4 +250,30 @@ class EngineSettings:
             compile=False,
             cuda_graphs=False,
             fp8_row_kernels=False,
+            optimize_vae=False,
         )
+
+    def resolved(self) -> EngineSettings:
+        """Device and dtypes settled: the one place their defaults live. Raises ``ConfigError`` for a
+        CUDA device on a machine without CUDA."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+        dtype = parse_dtype(self.dtype) if self.dtype is not None else None
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        vae_dtype = parse_dtype(self.vae_dtype) if self.vae_dtype is not None else torch.float32
+        return replace(self, device=device, dtype=dtype, vae_dtype=vae_dtype)
+
+    def to_json(self) -> dict:
+        """A JSON-able dict (dtypes by name): how the server hands settings to its workers."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("dtype", "vae_dtype"):
+            out[k] = None if out[k] is None else str(out[k]).removeprefix("torch.")
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> EngineSettings:
+        d = dict(d)
+        for k in ("dtype", "vae_dtype"):
+            d[k] = None if d.get(k) is None else parse_dtype(d[k])
+        return cls(**d)

@@ -1,8 +1,10 @@
-"""The Wan2.2 text-to-video pipeline: text encoding, two-expert denoising with CFG, VAE decode.
+"""The Wan2.2 pipeline of every model: text encoding, conditioning, denoising with CFG, VAE decode.
 
-Follows the official ``WanT2V.generate`` step for step: noise from ``torch.Generator(device)`` seeded
-with ``seed``; the high-noise expert while ``t >= boundary * 1000``, the low-noise expert after, each with
-its own guidance scale; the solver's ``step`` per timestep; VAE decode of the final latents.
+Follows the official ``generate`` of each model step for step: noise from ``torch.Generator(device)``
+seeded with ``seed``; a two-expert model runs the high-noise expert while ``t >= boundary * 1000`` and the
+low-noise one after, each with its own guidance scale; the model's conditioning (``wanfast.conditioning``:
+nothing, the image as the first latent frame, or image channels) enters the DiT input, its timesteps and
+the latents after each solver step; VAE decode of the final latents.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from torch import nn
 
 from wanfast.accel import reset_caches
 from wanfast.accel.stepcache import ForwardCounter, StepCache, installed
-from wanfast.config import NUM_TRAIN_TIMESTEPS, EngineSettings, SamplingDefaults, SamplingParams
+from wanfast.conditioning import CONDITIONINGS, Condition
+from wanfast.config import NUM_TRAIN_TIMESTEPS, EngineSettings, SamplingParams
 from wanfast.solvers import make_solver
+from wanfast.specs import ModelSpec, resolve_params
 from wanfast.video import to_uint8_frames
 
 ProgressFn = Callable[[int, int, str], None]  # (step index, total steps, expert name)
@@ -27,7 +31,7 @@ ProgressFn = Callable[[int, int, str], None]  # (step index, total steps, expert
 @dataclass
 class GenerationResult:
     frames: torch.Tensor  # uint8 [F, H, W, 3], on the CPU
-    latents: torch.Tensor  # float32 [16, F', H/8, W/8], on the CPU
+    latents: torch.Tensor  # float32 [C, F', H/s, W/s] (C, s: the VAE's latent channels and stride), CPU
     params: SamplingParams
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     steps_per_expert: dict[str, int] = field(default_factory=dict)
@@ -60,30 +64,34 @@ def denoise(
     progress: ProgressFn | None = None,
     on_expert: Callable[[str], None] | None = None,
     predict: Callable[..., torch.Tensor] = guided_prediction,
+    condition: Condition | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """The sampling loop. noise [C, F', H', W'] float32 -> final latents, and steps run per expert.
 
-    ``experts`` maps "high_noise" and "low_noise" to DiTs called as ``dit(x [1, C, F', H', W'], t [1],
-    context)``. A guidance scale of 1.0 runs the conditional pass alone (uncond + 1 * (cond - uncond)),
-    and so does every step from ``params.cfg_steps`` on (guidance truncation, lossy, opt-in).
+    ``experts`` maps "high_noise" and "low_noise" (or "dit", a one-expert model) to DiTs called as
+    ``dit(x [1, C_in, F', H', W'], t [1] or [1, L], context)``. A guidance scale of 1.0 runs the
+    conditional pass alone (uncond + 1 * (cond - uncond)), and so does every step from ``params.cfg_steps``
+    on (guidance truncation, lossy, opt-in). ``condition`` adds the request's image (module docstring).
     ``on_expert(name)`` runs before an expert's first step, ``progress`` after every step.
     """
+    cond = condition or Condition()
     solver = make_solver(params.solver, params.steps, params.shift)
     boundary = params.boundary * NUM_TRAIN_TIMESTEPS
-    x, state = noise, solver.init_state()
-    counts = {"high_noise": 0, "low_noise": 0}
+    x, state = cond.impose(noise), solver.init_state()
+    counts = dict.fromkeys(experts, 0)
     timesteps = solver.timesteps.tolist()  # host ints: the expert choice needs no device sync
     for i, t in enumerate(timesteps):
-        name = "high_noise" if t >= boundary else "low_noise"
-        scale = params.guidance_high_noise if name == "high_noise" else params.guidance_low_noise
+        name = "dit" if "dit" in experts else ("high_noise" if t >= boundary else "low_noise")
+        scale = params.guidance_low_noise if name == "low_noise" else params.guidance_high_noise
         if params.cfg_steps is not None and i >= params.cfg_steps:
             scale = 1.0  # guidance truncated: one conditional pass from here on
         model = experts[name]
         if on_expert is not None and counts[name] == 0:
             on_expert(name)
-        t_in = torch.full((1,), float(t), device=x.device)
-        pred = predict(model, x[None], t_in, context, context_null, scale)[0]
+        t_in = cond.timestep(t, x)
+        pred = predict(model, cond.model_input(x)[None], t_in, context, context_null, scale)[0]
         x, state = solver.step(state, i, pred, x)
+        x = cond.impose(x)
         counts[name] += 1
         if progress is not None:
             progress(i, len(timesteps), name)
@@ -110,59 +118,74 @@ class _Timer:
 
 
 class WanPipeline:
-    """Holds the loaded models; ``generate`` runs one request."""
+    """Holds the loaded models of one ``ModelSpec``; ``generate`` / ``run`` run one request."""
 
     def __init__(
         self,
+        spec: ModelSpec,
         text_encoder,
-        high_noise_model: nn.Module,
-        low_noise_model: nn.Module,
+        experts: dict[str, nn.Module],
         vae: nn.Module,
-        defaults: SamplingDefaults,
         settings: EngineSettings,
     ) -> None:
+        if tuple(experts) != spec.experts:
+            raise ValueError(f"{spec.name} has experts {spec.experts}, got {tuple(experts)}")
+        self.spec = spec
         self.text_encoder = text_encoder
-        self.experts = {"high_noise": high_noise_model, "low_noise": low_noise_model}
+        self.experts = dict(experts)
         self.vae = vae
-        self.defaults = defaults
         self.settings = settings
         self.device = torch.device(settings.device)
         self.parallel = None  # a wanfast.parallel.ParallelRuntime when the run is split over ranks
 
-    def params(self, prompt: str, **overrides: object) -> SamplingParams:
-        """Validated sampling parameters: the preset's defaults, then the non-None overrides.
-        ``size`` is (width, height); an empty negative prompt means the default one, as official."""
-        size = overrides.pop("size", None)
-        if size is not None:
-            overrides["width"], overrides["height"] = size
-        if overrides.get("negative_prompt") == "":
-            overrides["negative_prompt"] = None
-        return SamplingParams.from_defaults(self.defaults, prompt, **overrides)
+    @property
+    def defaults(self):
+        return self.spec.defaults
+
+    def params(self, prompt: str, image=None, **overrides: object) -> SamplingParams:
+        """Validated sampling parameters (``specs.resolve_params``: the model's defaults, then the non-None
+        overrides). ``image``: the request's image (anything ``wanfast.image.load_image`` takes) or its
+        (width, height); with one, the size is the maximum area."""
+        if image is not None and not isinstance(image, tuple):
+            from wanfast.image import load_image
+
+            image = load_image(image).size
+        return resolve_params(self.spec, prompt, image_size=image, **overrides)
 
     def generate(
         self,
         prompt: str,
+        image=None,
         negative_prompt: str | None = None,
-        size: tuple[int, int] | None = None,
+        size: tuple[int, int] | str | None = None,
         frames: int | None = None,
         steps: int | None = None,
         seed: int = 0,
         solver: str | None = None,
         shift: float | None = None,
+        guidance: float | None = None,
         guidance_high_noise: float | None = None,
         guidance_low_noise: float | None = None,
         boundary: float | None = None,
         progress: ProgressFn | None = None,
         cfg_steps: int | None = None,
         step_cache_threshold: float | None = None,
+        sampling_preset: str | None = None,
     ) -> GenerationResult:
-        params = self.params(
-            prompt, negative_prompt=negative_prompt, size=size, frames=frames, steps=steps, seed=seed,
-            solver=solver, shift=shift, guidance_high_noise=guidance_high_noise,
-            guidance_low_noise=guidance_low_noise, boundary=boundary, cfg_steps=cfg_steps,
-            step_cache_threshold=step_cache_threshold,
+        """One video. ``image``: a path, image bytes, a PIL image or a [3, H, W] tensor (uint8 or float in
+        [0, 1]), for a model that takes one (``spec.image``); ``guidance`` sets every expert's scale."""
+        img = None
+        if image is not None:
+            from wanfast.image import load_image
+
+            img = load_image(image)
+        params = resolve_params(
+            self.spec, prompt, image_size=img.size if img is not None else None, negative_prompt=negative_prompt,
+            size=size, frames=frames, steps=steps, seed=seed, solver=solver, shift=shift, guidance=guidance,
+            guidance_high_noise=guidance_high_noise, guidance_low_noise=guidance_low_noise, boundary=boundary,
+            cfg_steps=cfg_steps, step_cache_threshold=step_cache_threshold, sampling_preset=sampling_preset,
         )  # fmt: skip
-        return self.run(params, progress)
+        return self.run(params, progress, image=img)
 
     def step_cache(self, params: SamplingParams, context: list, context_null: list) -> StepCache | None:
         """The request's step cache (accel/stepcache.py), or None when ``params.step_cache_threshold`` is
@@ -176,7 +199,19 @@ class WanPipeline:
         return StepCache(params.step_cache_threshold, branches, (last_t,), group)
 
     @torch.inference_mode()
-    def run(self, params: SamplingParams, progress: ProgressFn | None = None) -> GenerationResult:
+    def run(
+        self,
+        params: SamplingParams,
+        progress: ProgressFn | None = None,
+        image=None,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """One request: ``params`` from ``self.params`` (its size already the image's when there is one),
+        ``image`` a ``PIL.Image`` (``wanfast.image.load_image``) for a model that takes one. ``on_stage``
+        is told "vae_decode" when the decode starts (the steps' progress says nothing there)."""
+        conditioning = CONDITIONINGS[self.spec.conditioning]
+        if (image is None and self.spec.image == "required") or (image is not None and self.spec.image == "none"):
+            raise ValueError(f"{self.spec.name}: " + ("an image is required" if image is None else "takes no image"))
         reset_caches(self)  # per-request caches (cross-attention K/V of the last prompts) start empty
         timer = _Timer(self.device)
         if self.device.type == "cuda":
@@ -201,16 +236,21 @@ class WanPipeline:
             timer.sync()
             stamps.append((name, time.perf_counter()))
 
+        with timer.stage("conditioning"):
+            condition = conditioning.prepare(self.spec, self.vae, image, params, self.device)
+
         ctx, ctx_null = [context], [context_null]  # the same two objects every step (step-cache branches)
         cache, counter = self.step_cache(params, ctx, ctx_null), ForwardCounter(self.experts)
         with timer.stage("denoise"), installed(self.experts, cache):
             latents, counts = denoise(
                 counter.experts, noise, ctx, ctx_null, params, progress, on_expert,
-                par.predict if par else guided_prediction,
+                par.predict if par else guided_prediction, condition,
             )  # fmt: skip
         edges = [s[1] for s in stamps] + [time.perf_counter()]
         for (name, _), a, b in zip(stamps, edges[:-1], edges[1:], strict=True):
             timer.timings[f"denoise_{name}"] = b - a
+        if on_stage is not None:
+            on_stage("vae_decode")
         with timer.stage("vae_decode"):
             vae_dtype = next(self.vae.parameters()).dtype
             z = latents[None].to(vae_dtype)

@@ -32,27 +32,30 @@ class SamplingPreset:
     description: str = ""
 
 
-SAMPLING_PRESETS: dict[str, SamplingPreset] = {
-    "lightning-4step": SamplingPreset(
-        name="lightning-4step",
-        steps=4,  # wan_t2v_A14B.py: sample_steps = 4
-        guidance_high_noise=1.0,  # wan_t2v_A14B.py: sample_guide_scale = (1.0, 1.0): CFG off, one pass/step
-        guidance_low_noise=1.0,
-        solver="euler",  # text2video.py: the "euler" branch (flow-matching Euler), used with these LoRAs
-        shift=5.0,  # wan_t2v_A14B.py: sample_shift = 5.0 (base Wan2.2 T2V-A14B uses 12.0)
-        boundary=0.875,  # wan_t2v_A14B.py: boundary = 0.875 (as the base model)
-        description="Wan2.2-Lightning T2V-A14B 4-step LoRAs (lightx2v), one per expert",
-    ),
+SAMPLING_PRESETS: dict[str, dict[str, SamplingPreset]] = {  # name -> {model family conditioning: preset}
+    "lightning-4step": {
+        "text": SamplingPreset(
+            name="lightning-4step",
+            steps=4,  # wan_t2v_A14B.py: sample_steps = 4
+            guidance_high_noise=1.0,  # wan_t2v_A14B.py: sample_guide_scale = (1.0, 1.0): CFG off, one pass/step
+            guidance_low_noise=1.0,
+            solver="euler",  # text2video.py: the "euler" branch (flow-matching Euler), used with these LoRAs
+            shift=5.0,  # wan_t2v_A14B.py: sample_shift = 5.0 (base Wan2.2 T2V-A14B uses 12.0)
+            boundary=0.875,  # wan_t2v_A14B.py: boundary = 0.875 (as the base model)
+            description="Wan2.2-Lightning T2V-A14B 4-step LoRAs (lightx2v), one per expert",
+        ),
+    },
 }
 
 
-def sampling_overrides(name: str) -> dict[str, object]:
-    """Keyword overrides for ``SamplingParams.from_defaults(defaults, prompt, **overrides)``.
-    Explicit user values should be applied after these (``{**sampling_overrides(n), **user}``)."""
-    try:
-        preset = SAMPLING_PRESETS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown sampling preset {name!r}; choose one of {', '.join(SAMPLING_PRESETS)}"
-        ) from None
+def sampling_overrides(name: str, spec=None) -> dict[str, object]:
+    """Keyword overrides for ``specs.resolve_params`` for the model ``spec`` (default: T2V-A14B).
+    Explicit user values should be applied after these (``{**sampling_overrides(n, spec), **user}``)."""
+    family = spec.conditioning if spec is not None else "text"
+    model = spec.name if spec is not None else "t2v-A14B"
+    if name not in SAMPLING_PRESETS:
+        raise ConfigError(f"unknown sampling preset {name!r}; choose one of {', '.join(SAMPLING_PRESETS)}")
+    if family not in SAMPLING_PRESETS[name] or (spec is not None and not spec.two_experts):
+        raise ConfigError(f"sampling preset {name!r} is not for {model}")
+    preset = SAMPLING_PRESETS[name][family]
     return {k: v for k, v in asdict(preset).items() if k not in ("name", "description")}

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from wanfast.accel.graphs import CUDAGraphDiT
 from wanfast.accel.pinned import HostBuffer, check_host_room
-from wanfast.config import ConfigError, ModelPreset
+from wanfast.config import ConfigError
+from wanfast.specs import ModelSpec
 
 MODES = ("expert", "blocks")
 GiB = 1024**3
@@ -258,15 +259,15 @@ class WeightSizes:
 
 @functools.lru_cache(maxsize=8)
 def _preset_modules(
-    preset: ModelPreset, dtype: torch.dtype, quant: str | None = None
+    preset: ModelSpec, dtype: torch.dtype, quant: str | None = None
 ) -> tuple[nn.Module, nn.Module]:
     """A DiT (in ``dtype``; its block linears FP8 as ``accel.fp8`` makes them when ``quant == "fp8"``)
     and a VAE (float32) on the meta device: shapes only, built once per (preset, dtype, quant)."""
+    from wanfast.models import vae_class
     from wanfast.models.dit import WanDiT
-    from wanfast.models.vae import WanVAE
 
     with torch.device("meta"):
-        dit, vae = WanDiT(preset.dit).to(dtype), WanVAE(preset.vae)
+        dit, vae = WanDiT(preset.dit).to(dtype), vae_class(preset.vae)(preset.vae)
     if quant is not None:
         from wanfast.accel.fp8 import apply_quant
 
@@ -281,9 +282,9 @@ def weight_sizes(
     quant: str | None = None,
 ):
     """From a built ``WanPipeline``'s parameters (offloaded or not; FP8 already counted as built), or from
-    a ``ModelPreset`` (modules built on the meta device; DiT and T5 in ``dtype``, the VAE in float32, the
+    a ``ModelSpec`` (modules built on the meta device; DiT and T5 in ``dtype``, the VAE in float32, the
     DiT's block linears FP8 with ``quant="fp8"``, about half the bf16 expert)."""
-    if isinstance(source, ModelPreset):
+    if isinstance(source, ModelSpec):
         dit, vae = _preset_modules(source, dtype, quant)
         dits, n = [dit], source.num_experts
         vae_b, te_b = _nbytes(vae), _t5_params(source.text_encoder) * dtype.itemsize
@@ -303,7 +304,7 @@ def weight_sizes(
 def activation_bytes(source, size: tuple[int, int], frames: int) -> int:
     """Peak activation estimate: the larger of one DiT block's working set (tokens x dim x
     ``ACT_BYTES_PER_TOKEN_DIM``) plus the cross-K/V cache, and the VAE decode (``VAE_BYTES_PER_PIXEL``)."""
-    cfg = source.dit if isinstance(source, ModelPreset) else _dits(source)[0].cfg
+    cfg = source.dit if isinstance(source, ModelSpec) else _dits(source)[0].cfg
     width, height = size
     pt, ph, pw = cfg.patch_size
     tokens = math.ceil(((frames - 1) // 4 + 1) / pt) * (height // 8 // ph) * (width // 8 // pw)

@@ -70,6 +70,16 @@ def _check_safetensors_size(path: Path) -> None:
         )
 
 
+def tensor_shape(files: list[Path], key: str) -> tuple[int, ...] | None:
+    """The shape of ``key`` from the safetensors headers of ``files`` (no tensor data read), or None."""
+    for path in files:
+        _check_safetensors_size(path)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if key in f.keys():
+                return tuple(f.get_slice(key).get_shape())
+    return None
+
+
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, CPU tensor backed by the mapped file) for every tensor of every shard."""
     for path in files:

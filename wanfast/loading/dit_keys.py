@@ -74,7 +74,7 @@ def official_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 # Defaults of the official WanModel for the arguments its config.json does not record
 # (``ignore_for_config``: patch_size, cross_attn_norm, qk_norm, text_dim, window_size).
 _OFFICIAL_UNRECORDED = {"patch_size": (1, 2, 2), "text_dim": 4096, "qk_norm": True, "cross_attn_norm": True}
-_SUPPORTED_TYPES = ("t2v", "ti2v")
+_SUPPORTED_TYPES = ("t2v", "ti2v", "i2v")
 
 
 def config_from_official_json(d: dict) -> DiTConfig:
@@ -104,9 +104,10 @@ def config_from_official_json(d: dict) -> DiTConfig:
         raise ConfigError(f"official DiT config.json lacks the key {e.args[0]!r}") from None
 
 
-def official_config_json(cfg: DiTConfig) -> dict:
+def official_config_json(cfg: DiTConfig, model_type: str = "t2v") -> dict:
     """An official-style ``config.json`` for ``cfg``. Arguments the real files omit are written only when
-    they differ from the WanModel defaults (so the 14B config equals the published file)."""
+    they differ from the WanModel defaults (so the 14B config equals the published file), except the text
+    width, which the published files never record: readers take it from ``text_embedding.0.weight``."""
     d = {
         "_class_name": "WanModel",
         "_diffusers_version": "0.33.0",
@@ -115,13 +116,13 @@ def official_config_json(cfg: DiTConfig) -> dict:
         "ffn_dim": cfg.ffn_dim,
         "freq_dim": cfg.freq_dim,
         "in_dim": cfg.in_dim,
-        "model_type": "t2v",
+        "model_type": model_type,
         "num_heads": cfg.num_heads,
         "num_layers": cfg.num_layers,
         "out_dim": cfg.out_dim,
         "text_len": cfg.text_len,
     }
-    extra = {"patch_size": cfg.patch_size, "text_dim": cfg.text_dim, "qk_norm": cfg.qk_norm}
+    extra = {"patch_size": cfg.patch_size, "qk_norm": cfg.qk_norm}
     extra["cross_attn_norm"] = cfg.cross_attn_norm
     for k, v in extra.items():
         if v != _OFFICIAL_UNRECORDED[k]:

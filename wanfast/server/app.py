@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,10 +25,11 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from wanfast.config import SamplingDefaults, SamplingParams
+from wanfast.config import SamplingParams
 from wanfast.server.jobs import STATES, TERMINAL, JobStore, QueueFull
 from wanfast.server.page import PAGE
 from wanfast.server.schemas import Health, VideoJob, VideoList, VideoRequest, validate_request
+from wanfast.specs import ModelSpec
 
 EVENT_POLL_SECONDS = 0.2
 KEEPALIVE_SECONDS = 15.0
@@ -36,7 +39,7 @@ HEARTBEAT_STALE_SECONDS = 10.0
 @dataclass
 class ServerSettings:
     results_dir: Path
-    defaults: SamplingDefaults  # the model preset's, for validation before a job is queued
+    spec: ModelSpec  # the served model's, for validation before a job is queued
     queue_size: int = 16
     api_key: str | None = None
     max_prompt_chars: int = 2000
@@ -151,10 +154,19 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         a size the server's memory budget cannot hold).
         A repeated ``Idempotency-Key`` returns the job it first created instead of a new one."""
         try:
-            request, params = validate_request(req, settings.defaults, settings.max_prompt_chars)
+            request, params, image = validate_request(req, settings.spec, settings.max_prompt_chars)
             settings.fits(params)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
+        if image is not None:  # content-addressed: a retried submission stores no second copy
+            inputs = settings.results_dir.parent / "inputs"
+            inputs.mkdir(exist_ok=True)
+            path = inputs / f"{hashlib.sha256(image).hexdigest()}.img"
+            if not path.exists():
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(image)
+                tmp.replace(path)
+            request["image"] = str(path)
         try:
             job, _ = store.submit(request, settings.queue_size, idempotency_key, steps=params.steps)
         except QueueFull as e:
@@ -272,11 +284,11 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.replace("__DEFAULTS__", json.dumps(_page_defaults(settings.defaults))))
+        return HTMLResponse(PAGE.replace("__DEFAULTS__", json.dumps(_page_defaults(settings.spec.defaults))))
 
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     return app
 
 
-def _page_defaults(d: SamplingDefaults) -> dict:
+def _page_defaults(d) -> dict:
     return {"size": f"{d.size[0]}x{d.size[1]}", "frames": d.frames, "steps": d.steps}

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from wanfast.cli import add_engine_memory_flags, add_model_source
-from wanfast.config import PRESETS, ConfigError, SamplingParams
+from wanfast.config import ConfigError, SamplingParams
+from wanfast.flags import add_engine_flags, add_model_source, engine_settings
 
 log = logging.getLogger("wanfast.server")
 
@@ -36,16 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-prompt-chars", type=int, default=2000, help="longest prompt accepted (default 2000)"
     )
-    p.add_argument(
-        "--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 64 KiB)"
-    )
-    p.add_argument("--device", default=None, help="worker device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="DiT/text-encoder dtype: bf16 (default on GPU), fp16, fp32")
-    p.add_argument("--attention", default="auto", help="attention backend (default: fastest available)")
-    add_engine_memory_flags(
-        p
-    )  # --text-encoder-device/--t5-cpu, --self-attention, --quant, --compile-mode, --offload, --memory-budget
-    p.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body (default 64 KiB; 32 MiB for a model that takes an image)")  # fmt: skip
+    add_engine_flags(p)  # the same engine flags as generate
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -68,34 +61,29 @@ def _is_loopback(host: str) -> bool:
 
 
 def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
-    """What the worker process gets (JSON): the model source and its engine switches."""
-    return {
-        "data_dir": str(data_dir), "model": args.model, "ckpt_dir": str(args.ckpt_dir) if args.ckpt_dir else None,
-        "device": args.device, "dtype": args.dtype, "text_encoder_device": args.text_encoder_device,
-        "attention": args.attention, "self_attention": args.self_attention, "quant": args.quant,
-        "offload": args.offload, "memory_budget_gb": args.memory_budget, "compile": False if args.no_compile else None,
-        "compile_mode": args.compile_mode, "fp8_row_kernels": not args.no_fp8_row_kernels,
-    }  # fmt: skip
+    """What the worker process gets (JSON): the model source and its serialised ``EngineSettings``."""
+    source = args.model if args.model else str(args.ckpt_dir)
+    return {"data_dir": str(data_dir), "source": source, "settings": engine_settings(args).to_json()}
 
 
-def check_memory(config: dict) -> tuple[str | None, Callable[[SamplingParams], None]]:
+def check_memory(config: dict, model=None) -> tuple[str | None, Callable[[SamplingParams], None]]:
     """With a memory budget, the mode the worker will pick for the model's default request (raises
     ``MemoryBudgetError`` now rather than in a worker restart loop): (the reason, or None; a check that
     rejects a request too large for that mode and budget before it is queued)."""
-    if config["memory_budget_gb"] is None:
-        return None, lambda params: None
-    from wanfast.api import check_request_fits, model_preset, plan_memory
-    from wanfast.loading.layout import detect_layout
-    from wanfast.server.worker import worker_settings
+    from wanfast.builder import open_model, plan
+    from wanfast.config import EngineSettings
+    from wanfast.memory import check_request_fits
 
-    preset, fp8 = model_preset(detect_layout(config["ckpt_dir"]) if config["ckpt_dir"] else None)
-    d = preset.defaults
-    planned, why = plan_memory(worker_settings(config), preset, [(*d.size, d.frames)], fp8)
+    settings = EngineSettings.from_json(config["settings"])
+    if settings.memory_budget_gb is None:
+        return None, lambda params: None
+    model = model or open_model(config["source"])
+    planned = plan(model, settings)
 
     def fits(params: SamplingParams) -> None:
-        check_request_fits(planned, preset, params.width, params.height, params.frames)
+        check_request_fits(planned.settings, model.spec, params.width, params.height, params.frames)
 
-    return why, fits
+    return planned.memory_note, fits
 
 
 def _exit_cleanly(signum: int, frame) -> None:
@@ -105,16 +93,16 @@ def _exit_cleanly(signum: int, frame) -> None:
 def serve_main(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from wanfast.builder import open_model, plan
     from wanfast.server.app import ServerSettings, create_app
     from wanfast.server.jobs import JobStore
     from wanfast.server.worker import WorkerSupervisor
 
-    if args.queue_size < 1 or args.max_prompt_chars < 1 or args.max_body_bytes < 1024:
+    if args.queue_size < 1 or args.max_prompt_chars < 1 or (args.max_body_bytes or 1024) < 1024:
         raise ConfigError("--queue-size and --max-prompt-chars must be >= 1, --max-body-bytes >= 1024")
-    if args.ckpt_dir is not None:
-        from wanfast.loading.layout import detect_layout
-
-        detect_layout(args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
+    model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
+    plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
+    max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
     api_key = args.api_key or os.environ.get("WANFAST_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
         print(f"wanfast: warning: serving on {args.host} without an API key", file=sys.stderr)
@@ -133,14 +121,13 @@ def serve_main(args: argparse.Namespace) -> int:
             log.warning("interrupted jobs now %s: %s", state, ", ".join(ids))
 
     config = worker_config(args, data_dir)
-    why, fits = check_memory(config)
+    why, fits = check_memory(config, model)
     if why:
         log.info("%s", why)
     supervisor = WorkerSupervisor(store, config, results)
-    preset = PRESETS["tiny" if args.model == "tiny" else "t2v-A14B"]
     settings = ServerSettings(
-        results_dir=results, defaults=preset.defaults, queue_size=args.queue_size, api_key=api_key,
-        max_prompt_chars=args.max_prompt_chars, max_body_bytes=args.max_body_bytes, worker_alive=supervisor.alive,
+        results_dir=results, spec=model.spec, queue_size=args.queue_size, api_key=api_key,
+        max_prompt_chars=args.max_prompt_chars, max_body_bytes=max_body, worker_alive=supervisor.alive,
         fits=fits,
     )  # fmt: skip
     # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again: let that end in `finally` below,

@@ -1,18 +1,22 @@
 """Request and response models of the HTTP API.
 
 Two layers of validation: pydantic checks types and coarse ranges (and caps what one request may cost),
-then ``SamplingParams`` applies the domain rules (sizes multiple of 16, frames 4n+1, ...), the same code
-the CLI and ``WanPipeline.params`` use, so the server and the CLI accept exactly the same requests.
+then ``specs.resolve_params`` applies the model's rules (size multiple, frames per VAE stride, image or
+not), the same code the CLI and ``WanPipeline.params`` use, so the server and the CLI accept exactly the
+same requests. An image comes base64-encoded and is checked by ``wanfast.image.load_image`` at the door.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from wanfast.config import SOLVERS, SamplingDefaults, SamplingParams
+from wanfast.config import SOLVERS, ConfigError, SamplingParams
 from wanfast.server.jobs import Job
+from wanfast.specs import ModelSpec, resolve_params
 
 MAX_SIDE = 4096  # pixels per side: a larger request cannot fit a GPU, refuse it before it queues
 
@@ -33,6 +37,10 @@ class VideoRequest(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     solver: Literal[SOLVERS] | None = None  # type: ignore[valid-type]
     shift: float | None = Field(None, gt=0, le=1000)
+    image: str | None = Field(
+        None, description="the first frame (TI2V / I2V models): a PNG/JPEG/WebP file, base64-encoded"
+    )
+    guidance: float | None = Field(None, ge=0, le=100, description="CFG scale of every expert")
     guidance_high_noise: float | None = Field(None, ge=0, le=100)
     guidance_low_noise: float | None = Field(None, ge=0, le=100)
     boundary: float | None = Field(None, ge=0, le=1, description="expert switch, fraction of 1000")
@@ -45,11 +53,23 @@ class VideoRequest(BaseModel):
     fps: int | None = Field(None, ge=1, le=120, description="frame rate of the MP4")
 
 
+def decode_image(data: str):
+    """The request's base64 image -> (its bytes, a checked ``PIL.Image``). Raises ``ConfigError``."""
+    from wanfast.image import load_image
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("image must be a base64-encoded image file") from None
+    return raw, load_image(raw)
+
+
 def validate_request(
-    req: VideoRequest, defaults: SamplingDefaults, max_prompt_chars: int
-) -> tuple[dict, SamplingParams]:
-    """The job's stored request (only what the client set) and the parameters it gives with these
-    defaults. Raises ValueError (ConfigError) with a message for the client."""
+    req: VideoRequest, spec: ModelSpec, max_prompt_chars: int
+) -> tuple[dict, SamplingParams, bytes | None]:
+    """The job's stored request (only what the client set; the image left out), the parameters it gives
+    for the model ``spec``, and the image file's bytes (None without one). Raises ValueError (ConfigError)
+    with a message for the client."""
     for name in ("prompt", "negative_prompt"):
         text = getattr(req, name)
         if text is not None and len(text) > max_prompt_chars:
@@ -57,17 +77,17 @@ def validate_request(
                 f"{name} has {len(text)} characters; this server accepts at most {max_prompt_chars}"
             )
     stored = req.model_dump(exclude_none=True)
+    raw, image = None, None
+    if stored.pop("image", None) is not None:
+        raw, image = decode_image(req.image)
     if req.size is not None:
         w, h = (int(v) for v in req.size.split("x"))
         if max(w, h) > MAX_SIDE:
             raise ValueError(f"size {req.size} is too large; at most {MAX_SIDE} pixels per side")
         stored["size"] = [w, h]
-    overrides = {k: v for k, v in stored.items() if k not in ("prompt", "size", "fps")}
-    if req.negative_prompt == "":
-        overrides["negative_prompt"] = None  # empty means the default, as in WanPipeline.params
-    if req.size is not None:
-        overrides["width"], overrides["height"] = stored["size"]
-    return stored, SamplingParams.from_defaults(defaults, req.prompt, **overrides)  # the shared rules
+    overrides = {k: v for k, v in stored.items() if k not in ("prompt", "fps")}
+    size = image.size if image is not None else None
+    return stored, resolve_params(spec, req.prompt, image_size=size, **overrides), raw  # the shared rules
 
 
 class Progress(BaseModel):

@@ -107,43 +107,21 @@ def _exit_with_parent() -> None:
 
 def worker_settings(cfg: dict):
     """The worker's ``EngineSettings`` from its JSON config (``server.cli.worker_config``)."""
-    import torch
+    from wanfast.config import EngineSettings
 
-    from wanfast.config import EngineSettings, parse_dtype
-
-    device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(cfg.get("dtype") or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
-    return EngineSettings(
-        device=device,
-        dtype=dtype,
-        vae_dtype=dtype if cfg.get("model") == "tiny" else torch.float32,  # fp32 VAE, as official
-        text_encoder_device=cfg.get("text_encoder_device"),
-        attention_backend=cfg.get("attention") or "auto",
-        self_attention_backend=cfg.get("self_attention"),
-        quant=cfg.get("quant"),
-        offload=cfg.get("offload"),
-        memory_budget_gb=cfg.get("memory_budget_gb"),
-        compile=cfg.get("compile"),
-        compile_mode=cfg.get("compile_mode"),
-        fp8_row_kernels=cfg.get("fp8_row_kernels", True),
-    )
+    return EngineSettings.from_json(cfg["settings"]).resolved()
 
 
 def _load(cfg: dict):
     import torch
 
-    from wanfast import attention
-    from wanfast.api import load_pipeline, tiny_pipeline
+    from wanfast.builder import build_pipeline
 
     settings = worker_settings(cfg)
-    attention.set_backend(settings.attention_backend, settings.device)
     if torch.device(settings.device).type == "cpu":
         # leave a core to the web process: an oversubscribed OpenMP pool slows each step many times over
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    if cfg.get("model") == "tiny":
-        workdir = Path(cfg["data_dir"]) / "tiny-model"
-        return tiny_pipeline(settings.device, settings.dtype, workdir=workdir, settings=settings)
-    return load_pipeline(cfg["ckpt_dir"], settings=settings)  # a memory budget picks the mode (logged)
+    return build_pipeline(cfg["source"], settings)  # a memory budget picks the mode (logged)
 
 
 def _memory(device) -> dict:
@@ -175,11 +153,17 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path) -> s
     request = dict(job.request)
     fps = request.pop("fps", None) or pipe.defaults.fps
     size = request.pop("size", None)
+    image_path = request.pop("image", None)
     tmp = results_dir / f"{job.id}.tmp.mp4"
     try:
         try:  # the pipeline's own rules, shared with the CLI (the web process checked them already)
-            params = pipe.params(request.pop("prompt"), size=tuple(size) if size else None, **request)
-        except ConfigError as e:
+            image = None
+            if image_path is not None:
+                from wanfast.image import load_image
+
+                image = load_image(image_path, "the job's image")
+            params = pipe.params(request.pop("prompt"), image, size=tuple(size) if size else None, **request)
+        except (ConfigError, FileNotFoundError) as e:
             return _end(store, job, owner, "failed", error=str(e))
         store.start(job.id, owner, asdict(params))
         t0 = time.monotonic()
@@ -194,7 +178,7 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path) -> s
             if store.progress(job.id, owner, i + 1, n, expert, step_s, step_s * (n - i - 1)):
                 raise Cancelled(i + 1, n)
 
-        result = pipe.run(params, progress)
+        result = pipe.run(params, progress, image=image)
         t_write = time.monotonic()
         write_mp4(result.frames, tmp, fps=fps)
         timings = {
@@ -231,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         store.heartbeat(owner, "failed", detail=f"model load failed: {type(e).__name__}: {e}")
         raise
     state = {"name": "ready"}
-    detail = cfg.get("model") or str(cfg.get("ckpt_dir"))
+    detail = f"{pipe.spec.name} ({cfg['source']})"
     if pipe.settings.offload:
         detail += f" (--offload {pipe.settings.offload})"
     info = {"device": str(pipe.device), "detail": detail}

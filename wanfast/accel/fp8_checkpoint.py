@@ -15,25 +15,24 @@ modules after the fact is not supported: ``concat_linears`` needs real weights).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 
 from wanfast.accel.fp8 import FP8, FP8Linear, Policy
 from wanfast.accel.fuse import fuse_projections
-from wanfast.loading import dit_keys
 from wanfast.loading.checkpoint import (
     CheckpointError,
     check_state_dict,
-    read_json,
     read_safetensors,
     safetensors_files,
 )
+from wanfast.loading.layout import FP8_MARKER, dit_config, is_fp8_checkpoint
+
+__all__ = ["MARKER", "fp8_state_dict", "is_fp8_checkpoint", "load_fp8_transformer", "marker"]
 from wanfast.models.dit import WanDiT
 
-MARKER = "wanfast_quantization"
+MARKER = FP8_MARKER
 DIT_WEIGHTS = "diffusion_pytorch_model"
 # Fused module -> the official Linears it concatenates, in order (see accel/fuse.py).
 _FUSED = {"self_attn.wqkv": ("self_attn.q", "self_attn.k", "self_attn.v"),
@@ -44,11 +43,6 @@ def marker(policy: Policy, compute_dtype: torch.dtype) -> dict:
     """The ``config.json`` entry that marks an expert folder as FP8."""
     return {"method": "fp8_e4m3", "activations": "per-row dynamic scale", "weights": "per-output-channel scale",
             "policy": policy.to_json(), "compute_dtype": str(compute_dtype).removeprefix("torch.")}  # fmt: skip
-
-
-def is_fp8_checkpoint(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and MARKER in json.loads(cfg.read_text())
 
 
 def fp8_state_dict(dit: WanDiT) -> dict[str, torch.Tensor]:
@@ -80,7 +74,7 @@ def load_fp8_transformer(
     path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16
 ) -> WanDiT:
     """An FP8 expert folder -> a fused WanDiT whose quantised Linears are ``FP8Linear`` on ``device``."""
-    cfg = dit_keys.config_from_official_json(read_json(Path(path) / "config.json", "transformer config"))
+    cfg = dit_config(path)[0]  # config.json, and the text width from the tensor shapes
     sd = _fuse_keys(read_safetensors(safetensors_files(path, DIT_WEIGHTS)), cfg.num_layers)
     quantized = [k[: -len(".scale")] for k in sd if k.endswith(".scale")]
     with torch.device("meta"):

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wanfast.accel import optimize_pipeline
-from wanfast.config import EngineSettings, ModelPreset
+from wanfast.config import EngineSettings
+from wanfast.loading.text_encoder import load_tokenizer
 from wanfast.models.dit import WanDiT
-from wanfast.models.text_encoder import TextEncoder, load_tokenizer
-from wanfast.models.vae import WanVAE
+from wanfast.models.text_encoder import TextEncoder
 from wanfast.pipeline import WanPipeline
+from wanfast.specs import ModelSpec
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def materialize(build, device: torch.device | str, dtype: torch.dtype, seed: int
     return module.eval().requires_grad_(False)
 
 
-def random_dit(preset: ModelPreset, device, dtype: torch.dtype, seed: int = 0) -> WanDiT:
+def random_dit(preset: ModelSpec, device, dtype: torch.dtype, seed: int = 0) -> WanDiT:
     dit = materialize(lambda: WanDiT(preset.dit), device, dtype, seed)
     for name, p in dit.named_parameters():
         if name.endswith("modulation"):  # consumed in fp32, as load_transformer keeps them
@@ -63,15 +63,17 @@ def random_dit(preset: ModelPreset, device, dtype: torch.dtype, seed: int = 0) -
     return dit
 
 
-def random_vae(preset: ModelPreset, device, dtype: torch.dtype, seed: int = 0) -> WanVAE:
-    return materialize(lambda: WanVAE(preset.vae), device, dtype, seed)
+def random_vae(spec: ModelSpec, device, dtype: torch.dtype, seed: int = 0):
+    from wanfast.models import vae_class
+
+    return materialize(lambda: vae_class(spec.vae)(spec.vae), device, dtype, seed)
 
 
-def random_text_encoder(preset: ModelPreset, device, dtype: torch.dtype, seed: int = 0) -> TextEncoder:
+def random_text_encoder(preset: ModelSpec, device, dtype: torch.dtype, seed: int = 0) -> TextEncoder:
     from transformers import UMT5EncoderModel
 
     from wanfast.loading.t5_keys import hf_config
-    from wanfast.testing_text import write_tiny_tokenizer
+    from wanfast.tools.testing_text import write_tiny_tokenizer
 
     cfg = preset.text_encoder
     model = materialize(lambda: UMT5EncoderModel(hf_config(cfg)), device, dtype, seed)
@@ -81,28 +83,24 @@ def random_text_encoder(preset: ModelPreset, device, dtype: torch.dtype, seed: i
 
 
 def random_pipeline(
-    preset: ModelPreset,
+    spec: ModelSpec,
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
     vae_dtype: torch.dtype = torch.float32,
     seed: int = 0,
     settings: EngineSettings | None = None,
 ) -> WanPipeline:
-    """Both experts, the text encoder and the VAE at ``preset``'s dimensions, random weights, optimised by
-    ``wanfast.accel`` with the switches of ``settings`` (default ``EngineSettings()``); the device and
-    dtypes are always the arguments'."""
+    """Every expert, the text encoder and the VAE at ``spec``'s dimensions, random weights, made ready by
+    the builder (``builder.assemble``: accel, split, memory mode) with the switches of ``settings``
+    (default ``EngineSettings()``); the device and dtypes are always the arguments'."""
+    from wanfast.builder import assemble
+
     settings = replace(settings or EngineSettings(), device=device, dtype=dtype, vae_dtype=vae_dtype)
-    pipe = WanPipeline(  # --t5-cpu: the text encoder where settings put it
-        random_text_encoder(preset, settings.text_encoder_device or device, dtype, seed + 3),
-        random_dit(preset, device, dtype, seed + 1),
-        random_dit(preset, device, dtype, seed + 2),
-        random_vae(preset, device, vae_dtype, seed + 4),
-        preset.defaults,
+    experts = {name: random_dit(spec, device, dtype, seed + i + 1) for i, name in enumerate(spec.experts)}
+    return assemble(
+        spec,
+        random_text_encoder(spec, settings.text_encoder_device or device, dtype, seed + 3),  # --t5-cpu
+        experts,
+        random_vae(spec, device, vae_dtype, seed + 4),
         settings,
     )
-    pipe = optimize_pipeline(pipe)
-    if settings.offload:
-        from wanfast.accel.offload import apply_offload
-
-        apply_offload(pipe)
-    return pipe

@@ -1,5 +1,5 @@
 """The report side of ``wanfast bench``: the composed estimate, the ratio columns, the terminal table and
-the PNG bar chart, all computed from the measurement records that ``wanfast.bench`` collects."""
+the PNG bar chart, all computed from the measurement records that ``wanfast.tools.bench`` collects."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from wanfast.bench import Engine
     from wanfast.config import EngineSettings
+    from wanfast.tools.bench import Engine
 
 
 WHATS = ("forward", "step", "text", "vae", "generate")  # what `--what` can time, in table order
@@ -189,7 +189,7 @@ def environment(device: torch.device) -> dict:
     """Where the numbers come from: device, library versions, the commit (``WANFAST_COMMIT`` or git)."""
     import transformers
 
-    from wanfast.bench_peer import version
+    from wanfast.tools.bench_peer import version
 
     commit = os.environ.get("WANFAST_COMMIT")  # a copy of the tree may carry a stale .git, or none
     if not commit:

@@ -3,7 +3,7 @@
 ``WanfastSide`` builds wanfast's models with random weights under one ``EngineSettings`` (optimised by
 ``wanfast.accel``); ``DiffusersSide`` builds the same work through ``WanTransformer3DModel``,
 ``AutoencoderKLWan`` and ``diffusers.WanPipeline``, also random and built directly on the device. Both have
-the same methods, so ``wanfast.bench`` measures them with the same code. Diffusers is imported only
+the same methods, so ``wanfast.tools.bench`` measures them with the same code. Diffusers is imported only
 inside ``DiffusersSide`` and its helpers, only when the peer is asked for.
 """
 
@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wanfast import synthetic
-from wanfast.config import ConfigError, EngineSettings, ModelPreset, SamplingParams
+from wanfast.config import ConfigError, EngineSettings, SamplingParams
 from wanfast.loading import dit_keys, vae_keys
 from wanfast.pipeline import denoise
-from wanfast.synthetic import random_text_encoder, randomize_
+from wanfast.specs import ModelSpec
+from wanfast.tools import synthetic
+from wanfast.tools.synthetic import random_text_encoder, randomize_
 
 Loop = Callable[[int, Callable[[], None]], None]  # loop(n steps, called after each step)
 
@@ -119,7 +120,7 @@ class Inputs:
 
 
 def make_inputs(
-    preset: ModelPreset, params: SamplingParams, device: torch.device, dtype: torch.dtype
+    preset: ModelSpec, params: SamplingParams, device: torch.device, dtype: torch.dtype
 ) -> Inputs:
     g = torch.Generator(device).manual_seed(params.seed)
     shape = (1, *params.latent_shape(preset.vae))
@@ -137,7 +138,7 @@ class _Side:
     """What both implementations are built from. Seed offsets follow ``random_pipeline``'s."""
 
     def __init__(
-        self, preset: ModelPreset, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype, seed: int
+        self, preset: ModelSpec, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype, seed: int
     ) -> None:
         self.preset, self.device, self.seed = preset, device, seed
         self.dtype, self.vae_dtype = dtype, vae_dtype
@@ -224,7 +225,7 @@ def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Modul
     return model.eval().requires_grad_(False)
 
 
-def random_transformer(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+def random_transformer(preset: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     """``WanTransformer3DModel`` at ``preset``'s dimensions, built on meta and materialised on ``device``."""
     from diffusers import WanTransformer3DModel
 
@@ -248,7 +249,7 @@ def random_transformer(preset: ModelPreset, device: torch.device, dtype: torch.d
     return randomize_(model, seed)
 
 
-def random_vae(preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+def random_vae(preset: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     """``AutoencoderKLWan`` (~127M parameters: small enough to build on the device directly)."""
     from diffusers import AutoencoderKLWan
 
@@ -260,7 +261,7 @@ def random_vae(preset: ModelPreset, device: torch.device, dtype: torch.dtype, se
     return _cast_like_from_pretrained(vae, dtype)
 
 
-def make_pipeline(preset: ModelPreset, text_encoder=None, transformer=None, transformer_2=None, vae=None):
+def make_pipeline(preset: ModelSpec, text_encoder=None, transformer=None, transformer_2=None, vae=None):
     """``diffusers.WanPipeline`` with the official UniPC flow schedule (shift from the preset)."""
     import diffusers
 
@@ -284,7 +285,7 @@ def pad_text(ctx: torch.Tensor, text_len: int) -> torch.Tensor:
 
 
 class DiffusersSide(_Side):
-    """Builds and runs the Diffusers models; ``wanfast.bench`` times them."""
+    """Builds and runs the Diffusers models; ``wanfast.tools.bench`` times them."""
 
     impl = "diffusers"
 

@@ -2,11 +2,11 @@
 
 Times one DiT forward, one denoising step (both guidance passes and the solver step), text encoding, the
 VAE decode and a whole generation, with peak memory, for each engine setting of ``--compare`` and, in the
-same process, for Diffusers (``wanfast.bench_peer``). A 40-step 720p generation takes ~15 min per engine on
+same process, for Diffusers (``wanfast.tools.bench_peer``). A 40-step 720p generation takes ~15 min per engine on
 an H200, so besides the measured ``--steps N`` generation the bench reports a *composed* estimate,
 text encoding + ``--composed-steps`` x median step + VAE decode, each term measured in this run. Every
 number in the JSON says whether it was measured or composed. Output: a table, JSON and a PNG bar chart
-(composed, annotated and drawn by ``wanfast.bench_report``).
+(composed, annotated and drawn by ``wanfast.tools.bench_report``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from wanfast.bench_report import (
+from wanfast.config import COMPILE_MODES, ConfigError, EngineSettings, SamplingParams, parse_dtype
+from wanfast.specs import SPECS, ModelSpec, resolve_params
+from wanfast.tools.bench_report import (
     COMPOSED,
     WHATS,
     _gib,
@@ -34,15 +36,6 @@ from wanfast.bench_report import (
     environment,
     format_table,
     write_png,
-)
-from wanfast.config import (
-    COMPILE_MODES,
-    PRESETS,
-    ConfigError,
-    EngineSettings,
-    ModelPreset,
-    SamplingParams,
-    parse_dtype,
 )
 
 # The --compare ladder: each rung adds its switches to every rung before it, starting from plain eager.
@@ -80,7 +73,7 @@ class Engine:
 class Plan:
     """One validated invocation: every argument is checked here, before any model is built."""
 
-    preset: ModelPreset
+    preset: ModelSpec
     device: torch.device
     dtype: torch.dtype
     vae_dtype: torch.dtype
@@ -91,7 +84,7 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    preset = PRESETS[args.model]
+    preset = SPECS[args.model]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
@@ -108,7 +101,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     sizes = args.sizes or [preset.defaults.size, *([(1280, 720)] if args.model == "t2v-A14B" else [])]
     overrides = dict(frames=args.frames, steps=args.steps, seed=args.seed)
     params = {  # SamplingParams validates every size, the frame count and the step count
-        f"{w}x{h}": SamplingParams.from_defaults(preset.defaults, PROMPT, width=w, height=h, **overrides)
+        f"{w}x{h}": resolve_params(preset, PROMPT, width=w, height=h, **overrides)
         for w, h in sizes
     }
     base = EngineSettings(
@@ -124,7 +117,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def _resolve_peer(peer: str) -> bool:
-    from wanfast.bench_peer import version
+    from wanfast.tools.bench_peer import version
 
     if peer == "none":
         return False
@@ -163,7 +156,7 @@ class Bench:
     """Runs a plan's measurements, one set of models on the device at a time, and collects the records."""
 
     def __init__(self, plan: Plan, args: argparse.Namespace) -> None:
-        from wanfast.bench_peer import Clock, DiffusersSide, WanfastSide, make_inputs
+        from wanfast.tools.bench_peer import Clock, DiffusersSide, WanfastSide, make_inputs
 
         self.plan, self.args, self.clock = plan, args, Clock(plan.device)
         side_args = (plan.preset, plan.device, plan.dtype, plan.vae_dtype, args.seed)

@@ -15,19 +15,17 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from wanfast.config import ConfigError
 
-from wanfast.accel.fp8 import DEFAULT_POLICY, Policy, fp8_modules, quantize_dit_
-from wanfast.loading import dit_keys
-from wanfast.loading.fp8_checkpoint import DIT_WEIGHTS, MARKER, fp8_state_dict, is_fp8_checkpoint, marker
-from wanfast.loading.layout import detect_layout, load_transformer
+DIT_WEIGHTS = "diffusion_pytorch_model"
 
 
-def save_sharded(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+def save_sharded(sd: dict, folder: Path, max_shard_bytes: int) -> list[str]:
     """``{stem}-0000k-of-0000n.safetensors`` of at most ``max_shard_bytes`` each (one file if it fits) +
     ``{stem}.safetensors.index.json``; returns the shard names."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    from safetensors.torch import save_file
+
+    shards: list[dict] = [{}]
     size = 0
     for key in sorted(sd):
         n = sd[key].numel() * sd[key].element_size()
@@ -54,19 +52,28 @@ def save_sharded(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int
 def quantize_expert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    policy: Policy = DEFAULT_POLICY,
+    policy=None,
     device: str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
+    dtype=None,
     max_shard_bytes: int = 5 * 10**9,
 ) -> dict:
     """One expert folder (official or Diffusers) -> an FP8 expert folder; returns a summary."""
+    import torch
+
+    from wanfast.accel.fp8 import DEFAULT_POLICY, fp8_modules, quantize_dit_
+    from wanfast.accel.fp8_checkpoint import MARKER, fp8_state_dict, marker
+    from wanfast.loading import dit_keys
+    from wanfast.loading.layout import load_transformer, model_type
+
+    policy, dtype = policy or DEFAULT_POLICY, dtype or torch.bfloat16
     dit = load_transformer(src, device, dtype)  # unfused, official key names
     quantize_dit_(dit, policy)  # per output channel, so it equals quantising the fused weights later
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     sd = fp8_state_dict(dit)
     shards = save_sharded(sd, dst, max_shard_bytes)
-    config = dit_keys.official_config_json(dit.cfg) | {MARKER: marker(policy, dtype)}
+    kind = model_type(src) or "t2v"
+    config = dit_keys.official_config_json(dit.cfg, kind) | {"text_dim": dit.cfg.text_dim, MARKER: marker(policy, dtype)}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return {"src": str(src), "dst": str(dst), "fp8_linears": len(fp8_modules(dit)), "shards": len(shards),
             "bytes": sum(t.numel() * t.element_size() for t in sd.values())}  # fmt: skip
@@ -79,34 +86,45 @@ def _link(src: Path, dst: Path) -> None:
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
 
 
-def quantize_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, policy: Policy = DEFAULT_POLICY, device: str = "cpu"
-) -> list[dict]:
-    """A whole checkpoint folder: both experts quantised, everything else linked. Returns the summaries."""
+def _is_dit_file(entry: Path) -> bool:
+    return entry.name == "config.json" or entry.name.startswith(DIT_WEIGHTS)
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, policy=None, device: str = "cpu") -> list[dict]:
+    """A whole checkpoint folder: every DiT quantised, everything else linked. Returns the summaries."""
+    from wanfast.loading.layout import detect, is_fp8_checkpoint
+
     src, dst = Path(src), Path(dst)
-    layout = detect_layout(src)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty")
-    experts = {layout.high_noise.resolve(), layout.low_noise.resolve()}
+    _, paths = detect(src)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConfigError(f"--out {dst} exists and is not an empty folder: give a new or empty one")
+    experts = {p.resolve() for p in paths.experts.values()}
     for expert in experts:
         if is_fp8_checkpoint(expert):
-            raise ValueError(f"{expert} is already an FP8 checkpoint")
+            raise ConfigError(f"{expert} is already an FP8 checkpoint")
     dst.mkdir(parents=True, exist_ok=True)
     done = []
+
+    def report(name: str) -> None:
+        print(f"quantised {name}: {done[-1]['fp8_linears']} FP8 linears, {done[-1]['bytes'] / 1e9:.2f} GB")
+
+    if src.resolve() in experts:  # a one-DiT official folder: the DiT files sit at the root
+        done.append(quantize_expert(src, dst, policy, device))
+        report(src.name)
     for entry in sorted(src.iterdir()):
         if entry.resolve() in experts:
             done.append(quantize_expert(entry, dst / entry.name, policy, device))
-            print(
-                f"quantised {entry.name}: {done[-1]['fp8_linears']} FP8 linears, {done[-1]['bytes'] / 1e9:.2f} GB"
-            )
-        else:  # text encoder, VAE, tokenizer (official google/ folder), Diffusers index and scheduler
-            _link(entry, dst / entry.name)
+            report(entry.name)
+        elif not (src.resolve() in experts and _is_dit_file(entry)):
+            _link(entry, dst / entry.name)  # text encoder, VAE, tokenizer, Diffusers index and scheduler
     return done
 
 
 def quantize_main(args: argparse.Namespace) -> int:
+    import torch
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    quantize_checkpoint(args.ckpt_dir, args.out, DEFAULT_POLICY, device)
+    quantize_checkpoint(args.ckpt_dir, args.out, None, device)
     print(f"FP8 checkpoint written to {args.out}")
     return 0
 
@@ -116,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "quantize", help="write an FP8 (e4m3) copy of a checkpoint's DiT experts (lossy)"
     )
     p.add_argument(
-        "--ckpt-dir", type=Path, required=True, help="Wan2.2-T2V-A14B folder (official or Diffusers)"
+        "--ckpt-dir", type=Path, required=True, help="a Wan2.2 checkpoint folder (official or Diffusers)"
     )
     p.add_argument("--out", type=Path, required=True, help="new folder for the FP8 checkpoint")
     p.add_argument("--device", default=None, help="where to quantise (default: cuda if available, else cpu)")

@@ -1,0 +1,213 @@
+"""The one builder: (model source, engine settings) -> a ready ``WanPipeline``.
+
+Every entry point (the CLI, ``wanfast.load_pipeline``, the server's workers, ``bench``) goes through it, in
+two steps:
+
+1. ``plan(source, settings, sizes)`` decides everything that needs no weights, so bad input fails before a
+   byte is read: the model spec and checkpoint paths (``loading.layout.detect``, or a spec name for a tiny
+   random-weight model), the settings resolved (device, dtypes), the attention backends checked available
+   on that device, the multi-GPU split checked against the model's heads, and the memory mode picked for
+   the largest of the requests to come (``memory.plan_memory``).
+2. ``build(plan)`` loads each component once and applies, in this order: LoRA (merged into the plain
+   weights), ``accel.optimize_pipeline`` (fusion, FP8, caches, compile; the VAE decode rewrite), the
+   multi-GPU split (``parallel.parallelize``), then the memory mode (``accel.offload.apply_offload``:
+   after accel, which decides which weight tensors exist).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wanfast.config import ConfigError, EngineSettings
+from wanfast.loading.layout import CheckpointPaths, detect, is_fp8_checkpoint
+from wanfast.specs import SPECS, ModelSpec, get_spec
+
+log = logging.getLogger("wanfast.builder")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to build: its spec and, for a checkpoint, its paths (None: a tiny random-weight model)."""
+
+    spec: ModelSpec
+    paths: CheckpointPaths | None = None
+    fp8_checkpoint: bool = False
+
+
+def open_model(source: str | os.PathLike | ModelSpec | ModelSource) -> ModelSource:
+    """The spec (and paths) of a checkpoint folder, a spec or the name of a spec (a tiny model); config
+    files and tensor headers only."""
+    if isinstance(source, ModelSource):
+        return source
+    if isinstance(source, ModelSpec):
+        return ModelSource(source)
+    if isinstance(source, str) and source in SPECS:
+        return ModelSource(get_spec(source))
+    spec, paths = detect(source)
+    return ModelSource(spec, paths, is_fp8_checkpoint(paths.first_expert))
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What ``build`` will do, decided without reading weights."""
+
+    spec: ModelSpec
+    paths: CheckpointPaths | None  # None: a tiny random-weight model, written from ``spec`` when built
+    settings: EngineSettings  # resolved; ``offload`` as the memory plan picked it
+    memory_note: str | None = None  # the memory plan's reason, for a log line
+    fp8_checkpoint: bool = False
+    seed: int = 0  # the random weights of a tiny model
+
+    @property
+    def split(self) -> bool:
+        return self.settings.cfg_parallel or self.settings.ulysses > 1
+
+
+def check_attention(settings: EngineSettings) -> None:
+    """Both attention slots resolvable on the device (``--attention flash3`` on a CPU fails here, before
+    any weights load, with the backends that are available)."""
+    from wanfast import attention
+
+    try:
+        attention.resolve_backend(settings.attention_backend, settings.device)
+        if settings.self_attention_backend is not None:
+            attention.resolve_backend(settings.self_attention_backend, settings.device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def plan(
+    source: str | os.PathLike | ModelSpec | ModelSource,
+    settings: EngineSettings | None = None,
+    sizes: Sequence[tuple[int, int, int]] | None = None,
+    seed: int = 0,
+) -> BuildPlan:
+    """Step 1 (module docstring). ``source``: a checkpoint folder, a spec (or spec name) of a tiny model, or
+    an ``open_model`` result;
+    ``sizes``: (width, height, frames) of the requests to come, for the memory plan (default: the model's
+    default request)."""
+    from wanfast.memory import plan_memory
+
+    settings = (settings or EngineSettings()).resolved()
+    model = open_model(source)
+    spec, paths, fp8 = model.spec, model.paths, model.fp8_checkpoint
+    check_attention(settings)
+    if settings.cfg_parallel or settings.ulysses > 1:
+        from wanfast.parallel import parallel_settings
+        from wanfast.parallel.dist import check_split
+
+        check_split(settings.cfg_parallel, settings.ulysses, int(os.environ.get("WORLD_SIZE", "1")), spec.dit.num_heads)
+        settings = parallel_settings(settings)
+    if settings.lora_high_noise or settings.lora_low_noise:
+        from wanfast.loading.lora import check_lora_settings
+
+        check_lora_settings(settings)
+        for path in (settings.lora_high_noise, settings.lora_low_noise):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"LoRA file not found: {path}")
+        if not spec.two_experts and settings.lora_low_noise:
+            raise ConfigError(f"{spec.name} has one DiT: give its LoRA as the high-noise one (--lora)")
+    d = spec.defaults
+    settings, why = plan_memory(settings, spec, sizes or [(*d.size, d.frames)], fp8)
+    return BuildPlan(spec, paths, settings, why, fp8, seed)
+
+
+def _load_dit(path: Path, device: str, settings: EngineSettings):
+    if is_fp8_checkpoint(path):  # written by `wanfast quantize`: built fused, FP8 linears
+        from wanfast.accel.fp8_checkpoint import load_fp8_transformer
+
+        return load_fp8_transformer(path, device, settings.dtype)
+    from wanfast.loading.layout import load_transformer
+
+    return load_transformer(path, device, settings.dtype)
+
+
+def _write_tiny(spec: ModelSpec, folder: Path, seed: int) -> CheckpointPaths:
+    from wanfast.loading.layout import detect as detect_folder
+    from wanfast.tools.testing import write_official_checkpoint
+
+    write_official_checkpoint(folder, spec, seed=seed)
+    return detect_folder(folder)[1]
+
+
+def build(p: BuildPlan):
+    """Step 2 (module docstring): the ready ``WanPipeline``."""
+    from wanfast.loading.layout import load_text_encoder, load_vae
+    from wanfast.memory import enforce_memory_budget
+
+    if p.memory_note:
+        log.info("%s", p.memory_note)
+    s = p.settings
+    enforce_memory_budget(s)
+    with tempfile.TemporaryDirectory(prefix="wanfast-tiny-") as tmp:  # a tiny model's files, gone after load
+        paths = p.paths or _write_tiny(p.spec, Path(tmp), p.seed)
+        # With an offload mode the experts load into CPU memory; apply_offload then puts on the device only
+        # what that mode keeps there, so loading never needs both experts on the GPU at once.
+        expert_device = "cpu" if s.offload else s.device
+        experts = {name: _load_dit(path, expert_device, s) for name, path in paths.experts.items()}
+        if s.lora_high_noise or s.lora_low_noise:  # on the plain experts, before accel fuses q/k/v
+            from wanfast.loading.lora import apply_lora
+
+            files = {"high_noise": s.lora_high_noise, "low_noise": s.lora_low_noise, "dit": s.lora_high_noise}
+            for name, dit in experts.items():
+                if files[name]:
+                    apply_lora(dit, files[name], s.lora_strength, s.lora_merge)
+        text_len = next(iter(experts.values())).cfg.text_len
+        te_device = s.text_encoder_device or s.device
+        text_encoder = load_text_encoder(paths.text_encoder, paths.tokenizer, te_device, s.dtype, text_len)
+        vae = load_vae(paths.vae, s.device, s.vae_dtype)
+    return assemble(p.spec, text_encoder, experts, vae, s)
+
+
+def assemble(spec: ModelSpec, text_encoder, experts: dict, vae, settings: EngineSettings):
+    """Loaded (or random-weight, ``tools.synthetic``) components -> the ready ``WanPipeline``: accel, then
+    the multi-GPU split, then the memory mode (module docstring). ``settings`` must be resolved."""
+    from wanfast.accel import optimize_pipeline
+    from wanfast.pipeline import WanPipeline
+
+    pipe = optimize_pipeline(WanPipeline(spec, text_encoder, experts, vae, settings))
+    if settings.cfg_parallel or settings.ulysses > 1:
+        from wanfast.parallel import parallelize
+
+        parallelize(pipe)
+    if settings.offload:
+        from wanfast.accel.offload import apply_offload
+
+        apply_offload(pipe)
+    return pipe
+
+
+def build_pipeline(
+    source: str | os.PathLike | ModelSpec | ModelSource,
+    settings: EngineSettings | None = None,
+    sizes: Sequence[tuple[int, int, int]] | None = None,
+    seed: int = 0,
+):
+    """``build(plan(...))``."""
+    return build(plan(source, settings, sizes, seed))
+
+
+def settings_for(
+    device: str | torch.device | None = None,
+    dtype=None,
+    vae_dtype=None,
+    text_encoder_device: str | torch.device | None = None,
+    **switches: object,
+) -> EngineSettings:
+    """``EngineSettings`` from the common keyword arguments (None: the resolved default)."""
+    from wanfast.config import parse_dtype
+
+    return EngineSettings(
+        device=str(device) if device is not None else None,
+        dtype=parse_dtype(dtype) if dtype is not None else None,
+        vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None,
+        text_encoder_device=str(text_encoder_device) if text_encoder_device is not None else None,
+        **switches,
+    )
