@@ -111,6 +111,72 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class VAE22Config:
+    """Wan2.2 causal 3D VAE (TI2V-5B; stride 4x16x16): a ``patch_size`` x ``patch_size`` pixel patchify
+    (3 -> 12 channels) around a causal conv stack with residual resampling shortcuts. ``dim`` is the
+    encoder's base channel count, ``dec_dim`` the decoder's."""
+
+    kind = "wan2.2"  # not a field: which VAE family a config describes (VAEConfig is the Wan2.1 one)
+
+    dim: int = 160
+    dec_dim: int = 256
+    z_dim: int = 48
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    patch_size: int = 2
+    latents_mean: tuple[float, ...] = (
+        -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+        -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+        -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+        -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+        -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+        0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+    )  # fmt: skip
+    latents_std: tuple[float, ...] = (
+        0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+        0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+        0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+        0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+        0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+        0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ConfigError(f"latents_mean/std need {self.z_dim} values")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ConfigError("temporal_downsample needs len(dim_mult) - 1 entries")
+        if min(self.dim, self.dec_dim, self.z_dim, self.num_res_blocks, self.patch_size, *self.dim_mult) < 1:
+            raise ConfigError(
+                f"dim, dec_dim, z_dim, num_res_blocks, patch_size and dim_mult must be >= 1; got {self.dim}, "
+                f"{self.dec_dim}, {self.z_dim}, {self.num_res_blocks}, {self.patch_size}, {self.dim_mult}"
+            )
+        # The parameter-free shortcuts regroup channels: a stage of c_in -> c_out channels that resamples by a
+        # factor f (time x height x width) averages c_in * f / c_out values (encoder) or repeats each input
+        # channel c_out * f / c_in times (decoder); both must be whole numbers.
+        n = len(self.dim_mult)
+        enc = [self.dim * m for m in (1, *self.dim_mult)]
+        dec = [self.dec_dim * m for m in (self.dim_mult[-1], *reversed(self.dim_mult))]
+        for i in range(n):
+            last = i == n - 1
+            f_down = 1 if last else 4 * (2 if self.temporal_downsample[i] else 1)
+            if (enc[i] * f_down) % enc[i + 1]:
+                raise ConfigError(f"encoder stage {i}: {enc[i]} x {f_down} is not a multiple of {enc[i + 1]}")
+            f_up = 1 if last else 4 * (2 if self.temporal_downsample[n - 2 - i] else 1)
+            if not last and (dec[i + 1] * f_up) % dec[i]:
+                raise ConfigError(f"decoder stage {i}: {dec[i + 1]} x {f_up} is not a multiple of {dec[i]}")
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1) * self.patch_size
+
+
+@dataclass(frozen=True)
 class TextEncoderConfig:
     """UMT5 encoder. The XXL values are the defaults; the head count of a checkpoint comes from its
     relative-position tables ([num_buckets, num_heads])."""

@@ -1,4 +1,5 @@
-"""Faster Wan2.1 VAE decode: ``optimize_vae`` turns a built ``WanVAE`` into an equivalent, faster one.
+"""Faster VAE decode: ``optimize_vae`` turns a built ``WanVAE`` (Wan2.1) or ``Wan22VAE`` into an
+equivalent, faster one.
 
 ``wanfast.models.vae`` stays the eager reference. The transform swaps the classes of the decoder's modules
 (and of the ``WanVAE`` itself) for subclasses with other forwards and changes weights' memory layout;
@@ -17,6 +18,9 @@ measure it alone:
 - subpixel_upsample: nearest 2x + 3x3 conv == a 2x2 conv with 4x the output channels on the small frames,
   phases interleaved after: 2.25x fewer FLOPs and no 4x-sized upsampled tensor.
 - prealloc_output: each chunk goes straight into the fp32 output video (no list of chunks + torch.cat).
+
+The Wan2.2 VAE shares those blocks (its upsamplers keep their width: the sub-pixel rewrite reads the conv's
+shapes) and always adds its stages' DupUp3d shortcuts in place, through a strided view of the stage output.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from wanfast.models.vae import (
     WanVAE,
     _run,
 )
+from wanfast.models.vae22 import Decoder22, UpStage, Wan22VAE, unpatchify
 
 try:  # only the "triton" fused norm needs it, on CUDA
     import triton
@@ -258,6 +263,36 @@ class FastDecoder(Decoder):
         return _norm_silu_conv(self.head[0], self.head[2], x, cache, self.norm_impl)
 
 
+class FastUpStage(UpStage):
+    """A Wan2.2 decoder stage adding its ``DupUp3d`` shortcut into the output in place: the output viewed
+    as [B, C', ft, fs, fs, T, H, W] += the input broadcast over the repeats (no repeated, permuted copy
+    and no third tensor, each the size of the output). Same values: the same two operands are added."""
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        y = _run(self.upsamples, x, cache)  # a new tensor: safe to add into
+        up = self.avg_shortcut
+        if up is None:
+            return y
+        if cache.first:  # keeps only the last of the ft frames (one frame): the plain shortcut
+            return y.add_(up(x, first=True))
+        b, c, t, h, w = x.shape
+        ft, fs = up.ft, up.fs
+        src = x.unsqueeze(2).expand(b, c, up.repeats, t, h, w).reshape(b, up.cout, ft, fs, fs, t, h, w)
+        y.view(b, up.cout, t, ft, h, fs, w, fs).permute(0, 1, 3, 5, 7, 2, 4, 6).add_(src)
+        return y
+
+
+class FastDecoder22(Decoder22):
+    norm_impl: str | None
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        x = _run(self.middle, self.conv1(x, cache), cache)
+        for stage in self.upsamples:
+            x = stage(x, cache)
+        x = _norm_silu_conv(self.head[0], self.head[2], x, cache, self.norm_impl)
+        return unpatchify(x, self.patch_size)
+
+
 # Nearest 2x then a 3x3 conv: output row 2i + d reads input rows (i - 1, i) for d = 0 and (i, i + 1) for
 # d = 1. _PHASE_TAPS[d, a, k] = 1 where 3x3 kernel row k lands on 2x2 tap a of phase d (same for columns).
 _PHASE_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
@@ -361,6 +396,11 @@ class FastWanVAE(WanVAE):
         return out.clamp_(-1.0, 1.0)
 
 
+class FastWan22VAE(Wan22VAE, FastWanVAE):
+    """A ``Wan22VAE`` with ``FastWanVAE.decode`` (its decoder returns unpatchified frames, so the same
+    streaming and output buffer apply)."""
+
+
 def _layout_weights(module: nn.Module, opts: VAEDecodeOptions) -> None:
     """Weights in the layout their conv runs in: NDHWC / NHWC, or per time tap for the split convs."""
     w = module.weight
@@ -377,8 +417,9 @@ def _layout_weights(module: nn.Module, opts: VAEDecodeOptions) -> None:
 
 
 def optimize_vae(vae: WanVAE, settings: EngineSettings, **options: object) -> WanVAE:
-    """Make ``vae``'s decode faster, in place (returned too). ``settings.optimize_vae`` off, or an already
-    optimised vae: returned untouched. ``options`` override ``VAEDecodeOptions``' defaults."""
+    """Make ``vae``'s (a ``WanVAE`` or ``Wan22VAE``) decode faster, in place (returned too).
+    ``settings.optimize_vae`` off, or an already optimised vae: returned untouched. ``options`` override
+    ``VAEDecodeOptions``' defaults."""
     if not settings.optimize_vae or isinstance(vae, FastWanVAE):
         return vae
     opts = replace(VAEDecodeOptions(), **options)
@@ -394,10 +435,13 @@ def optimize_vae(vae: WanVAE, settings: EngineSettings, **options: object) -> Wa
         elif isinstance(m, Resample):
             m.__class__ = FastResample
             m.memory_format, m.subpixel = fmt, opts.subpixel_upsample
+        elif isinstance(m, UpStage):
+            m.__class__ = FastUpStage
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             _layout_weights(m, opts)
-    vae.decoder.__class__ = FastDecoder
+    wan22 = isinstance(vae, Wan22VAE)
+    vae.decoder.__class__ = FastDecoder22 if wan22 else FastDecoder
     vae.decoder.norm_impl = opts.fused_norm
-    vae.__class__ = FastWanVAE
+    vae.__class__ = FastWan22VAE if wan22 else FastWanVAE
     vae.decode_options = opts
     return vae

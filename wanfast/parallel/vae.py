@@ -74,7 +74,8 @@ def parallel_decode(
     vae: nn.Module, latents: Tensor, group: dist.ProcessGroup | None = None, overlap: int = DEFAULT_OVERLAP
 ) -> Tensor:
     """``vae.decode`` of latents [B, z, F', h, w] split over the ranks of ``group``; every rank returns
-    the blended video [B, 3, F, 8h, 8w] (fp32, as ``decode``)."""
+    the blended video [B, 3, F, s*h, s*w] (fp32, as ``decode``; s = ``vae.cfg.spatial_stride``: 8 for the
+    Wan2.1 VAE, 16 for the Wan2.2 one, whose decoder has the same single attention block)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     axis = 3 if latents.shape[3] >= latents.shape[4] else 4  # split the longer of h (3), w (4)
     n = latents.shape[axis]
