@@ -6,7 +6,9 @@
   handed to the block as its ``context`` (``Attention`` takes a precomputed (k, v)). The pre-hook runs
   outside ``block.forward``, so a compiled block sees plain tensor inputs and never the cache's logic.
 - ``TimeEmbedCache`` (per request): ``dit.time_embed(t)`` -> the last (e, e0) again when the same ``t``
-  tensor comes back, i.e. for the second pass of a CFG step (the pipeline passes one ``t`` to both).
+  comes back, i.e. for the second pass of a CFG step (the pipeline passes one ``t`` to both). ``t`` is a
+  tensor ([B], or [B, L] per token: then the hit also skips ``torch.unique`` and its host sync) or a
+  ``PerToken`` (the object and both its tensors must be the same).
 
 Per-request caches key on tensor identity, not values: comparing values of device tensors would need a
 host sync. A key holds the tensor itself (so its id cannot be reused while the entry lives) and its
@@ -23,12 +25,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from wanfast.models.dit import WanDiT
+from wanfast.models.dit import Timesteps, WanDiT
 
 Rope = tuple[Tensor, Tensor]
 
 
-def _version(t: Tensor) -> int | None:
+def _version(t: Tensor | tuple) -> int | None | tuple:
+    """The version counter of a tensor (None for an inference tensor), or those of a tuple's tensors."""
+    if isinstance(t, tuple):
+        return tuple(_version(u) for u in t)
     return None if t.is_inference() else t._version
 
 
@@ -85,14 +90,15 @@ class RopeCache(Cache):
 
 
 class TimeEmbedCache(Cache):
-    """The last (e [T, C], e0 [T, 6, C]) for the last ``t`` tensor seen (size 1: one step at a time)."""
+    """The last (e [T, C], e0 [T, 6, C]) (per token: the two ``PerToken``) for the last ``t`` seen (size 1:
+    one step at a time)."""
 
-    def __init__(self, compute: Callable[[Tensor], tuple[Tensor, Tensor]]):
+    def __init__(self, compute: Callable[[Timesteps], tuple]):
         super().__init__()
         self.compute = compute
-        self.last: tuple[Tensor, int | None, tuple[Tensor, Tensor]] | None = None
+        self.last: tuple[Timesteps, object, tuple] | None = None
 
-    def __call__(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, t: Timesteps) -> tuple:
         if not self.enabled:
             return self.compute(t)
         if self.last is not None and self.last[0] is t and self.last[1] == _version(t):

@@ -6,7 +6,10 @@ latents, few tokens); at 480p a forward takes seconds and the saving is within n
 
 Each call copies its inputs (x [B, C, F, H, W], t, the padded text) into the capture's static buffers,
 replays, and returns a copy of the static output (the CFG pair calls twice per step; the second replay
-would overwrite the first's output).
+would overwrite the first's output). Per-token timesteps [B, L] are factored (``torch.unique``, a host
+sync a capture cannot hold) before the replay: the graph takes the distinct values [U] and the index
+[B, L], and U is part of the signature (1 or 2 in the TI2V pipeline). A ``PerToken`` ``t`` needs no
+factoring.
 
 The caches of ``caches.py`` cannot work inside a graph: a capture bakes in whatever a cache returned at
 capture time, while the static buffers change contents, not identity. The wrapper therefore disables the
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from wanfast.accel.caches import caches_of
+from wanfast.models.dit import PerToken, Timesteps, as_timesteps, factor_timesteps
 
 Capture = Callable[[Callable[[], Tensor]], tuple[Tensor, Callable[[], None]]]
 
@@ -48,7 +52,7 @@ def capture_cuda(fn: Callable[[], Tensor], warmup: int = 1) -> tuple[Tensor, Cal
 
 @dataclass
 class _Graph:
-    inputs: list[Tensor]  # static buffers: x, t, padded text [B, text_len, text_dim]
+    inputs: list[Tensor]  # static buffers: x, t (or per token: values [U], index [B, L]), padded text
     output: Tensor
     replay: Callable[[], None]
 
@@ -78,10 +82,14 @@ class CUDAGraphDiT(nn.Module):
         return tuple((tuple(u.shape), u.dtype, u.device) for u in inputs)
 
     @torch.no_grad()  # a replay records no autograd
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, t: Timesteps, context: Tensor | list[Tensor]) -> Tensor:
         # Text padded to [B, text_len, text_dim] first (the DiT pads it anyway): prompts of any length, the
         # CFG pair's included, then share one graph.
-        inputs = [x, torch.as_tensor(t, device=x.device), self.dit.pad_context(context)]
+        t = as_timesteps(t, x.device)
+        if isinstance(t, Tensor) and t.ndim == 2:
+            t = factor_timesteps(t)  # outside the graph: the data-dependent size syncs with the host
+        times = list(t) if isinstance(t, PerToken) else [t]  # [t] or [values, index]
+        inputs = [x, *times, self.dit.pad_context(context)]
         key = self.signature(inputs)
         graph = self.graphs.get(key)
         if graph is None:
@@ -100,7 +108,8 @@ class CUDAGraphDiT(nn.Module):
         # Normal (not inference) tensors: copy_ into them works both in and out of inference mode.
         with torch.inference_mode(False):
             static = [u.clone() for u in inputs]
-        sx, st, sctx = static
+        sx, *st, sctx = static
+        st = PerToken(*st) if len(st) == 2 else st[0]
         output, replay = self.capture(lambda: self.dit(sx, st, sctx))
         self.captures += 1
         return _Graph(static, output, replay)

@@ -5,8 +5,9 @@ how much the first block's *modulated input* moved is a cheap proxy for how much
 Per call of an expert on one guidance branch, the cached forward:
 
 1. runs the cheap front of the model: patch embedding ``x0`` [B, l, C], time embedding (e [B, C],
-   e0 [B, 6, C]) and block 0's modulated input ``m = norm1(x0) * (1 + scale) + shift`` (block 0's
-   modulation + e0, chunks 1 and 0), in the weight dtype, as block 0's self-attention consumes it;
+   e0 [B, 6, C]; per token, ``PerToken`` tables with the index [B, l]) and block 0's modulated input
+   ``m = norm1(x0) * (1 + scale) + shift`` (block 0's modulation + e0, rows 1 and 0, per sample or per
+   token), in the weight dtype, as block 0's self-attention consumes it;
 2. measures ``rel = sum|m - m_prev| / sum|m_prev|`` (= the ratio of the means) against the previous
    call's ``m`` on the same (expert, branch), and adds it to an accumulator (TeaCache style: the path
    length since the last computed forward, an upper bound on the direct distance). Comparing against the
@@ -17,7 +18,9 @@ Per call of an expert on one guidance branch, the cached forward:
    Otherwise run every block, refresh ``R``, reset the accumulator.
 
 A forward is always computed on an (expert, branch)'s first call (no ``R`` yet) and at the request's
-final timestep (its prediction is the output's fine detail, and it costs one forward per branch).
+final timestep (its prediction is the output's fine detail, and it costs one forward per branch). The
+step's timestep is t[0] for t [B], and the largest value for per-token timesteps (TI2V image mode holds
+the first frame's tokens at 0; the others carry the step's t).
 No per-model rescaling polynomial is fitted: the threshold applies to the raw accumulated ``rel``.
 
 Branches are named explicitly, not by counting calls: ``WanPipeline.run`` passes the cond and uncond
@@ -59,7 +62,7 @@ from torch import Tensor, nn
 from wanfast.accel.graphs import CUDAGraphDiT
 from wanfast.accel.offload import OffloadedExpert
 from wanfast.config import ConfigError
-from wanfast.models.dit import WanDiT
+from wanfast.models.dit import PerToken, Timesteps, WanDiT, as_timesteps, modulation_rows
 
 
 @dataclass
@@ -114,7 +117,7 @@ class StepCache:
         rank = dist.get_rank(self.group)
         return max(0, min(local, total - rank * local))
 
-    def decide(self, expert: str, branch: str, m: Tensor, t: Tensor, tokens: int) -> bool:
+    def decide(self, expert: str, branch: str, m: Tensor, t: Timesteps, tokens: int) -> bool:
         """True: compute this forward. ``m`` [B, l, C] is block 0's modulated input, ``tokens`` = L."""
         key = (expert, branch)
         state = self.states.get(key)
@@ -130,7 +133,7 @@ class StepCache:
         sums = torch.stack([(cur - prev).abs().sum(dtype=f32), prev.abs().sum(dtype=f32)])  # [2]
         if self.group is not None:  # every rank of the group sees the same totals, so decides alike
             dist.all_reduce(sums, group=self.group)
-        num, den, t_val = torch.cat([sums, t.reshape(-1)[:1].to(sums)]).tolist()  # the one host sync
+        num, den, t_val = torch.cat([sums, _step_t(t).to(sums)]).tolist()  # the one host sync
         acc = state.acc + (num / den if den > 0 else math.inf)
         computed = t_val in self.force_t or not acc < self.threshold
         self._record(Decision(expert, branch, t_val, computed, 0.0 if t_val in self.force_t else acc))
@@ -149,16 +152,18 @@ class StepCache:
         return out
 
     # --- the forward -------------------------------------------------------------------------------
-    def block0_input(self, dit: WanDiT, expert: str, x0: Tensor, e0: Tensor) -> Tensor:
+    def block0_input(self, dit: WanDiT, expert: str, x0: Tensor, e0: Tensor | PerToken) -> Tensor:
         """Block 0's modulated self-attention input [B, l, C] in the weight dtype, as ``WanBlock`` makes
-        it: norm1(x0).float() * (1 + scale) + shift, (shift, scale) = chunks 0, 1 of modulation + e0."""
+        it: norm1(x0).float() * (1 + scale) + shift, (shift, scale) = rows 0, 1 of modulation + e0 (e0
+        [B, 6, C], or per token PerToken(table [U, 6, C], index [B, l]))."""
         mod = self._mod0[expert]
         if mod.device != x0.device:  # moved once per request
             mod = self._mod0[expert] = mod.to(x0.device)
-        shift, scale = (mod + e0[:, :2]).chunk(2, dim=1)  # [B, 1, C] each, float32
-        return (dit.blocks[0].norm1(x0).float() * (1 + scale) + shift).to(dit.dtype)
+        e0 = PerToken(e0.table[:, :2], e0.index) if isinstance(e0, PerToken) else e0[:, :2]
+        rows = modulation_rows(mod, e0)  # k -> [B, 1, C] or [B, l, C], float32
+        return (dit.blocks[0].norm1(x0).float() * (1 + rows(1)) + rows(0)).to(dit.dtype)
 
-    def forward(self, dit: WanDiT, expert: str, x: Tensor, t: Tensor, context) -> Tensor:
+    def forward(self, dit: WanDiT, expert: str, x: Tensor, t: Timesteps, context) -> Tensor:
         """``dit.forward`` with step caching: x [B, in_dim, F, H, W] -> [B, out_dim, F, H, W] float32."""
         branch = self.branch_of(context)
         B, _, F_, H, W = x.shape
@@ -169,9 +174,8 @@ class StepCache:
 
         # The plain forward's front, in its order: patch embedding, time embedding.
         x0 = dit.patch_embedding(x.to(dit.dtype)).flatten(2).transpose(1, 2)  # [B, l, C] (l = L unsplit)
-        t = torch.as_tensor(t, device=x0.device)
-        e, e0 = dit.time_embed(t)  # [T, C], [T, 6, C] float32
-        e, e0 = e.expand(B, -1), e0.expand(B, -1, -1)
+        t = as_timesteps(t, x0.device)
+        e, e0 = dit.time_inputs(t, B, math.prod(grid))  # float32 [B, C], [B, 6, C] (or per token)
         m = self.block0_input(dit, expert, x0, e0)
         if self.decide(expert, branch, m, t, math.prod(grid)):
             ctx = dit.embed_text(context, x0.device)  # [B, text_len, C]
@@ -188,6 +192,13 @@ class StepCache:
         else:
             h = self.states[(expert, branch)].residual + x0  # float32 [B, l, C]
         return dit.unpatchify(dit.head(h, e), grid)
+
+
+def _step_t(t: Timesteps) -> Tensor:
+    """The step's timestep, [1]: t[0] of a [B] t; the largest of per-token timesteps."""
+    if isinstance(t, PerToken):
+        return t.table.max().reshape(1)
+    return t.max().reshape(1) if t.ndim == 2 else t.reshape(-1)[:1]
 
 
 def _plain_dit(module: nn.Module) -> WanDiT:

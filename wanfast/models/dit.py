@@ -1,6 +1,12 @@
-"""WanDiT: the Wan2.2 text-to-video diffusion transformer (one expert), plain eager PyTorch.
+"""WanDiT: the Wan2.2 diffusion transformer (one expert; T2V and TI2V), plain eager PyTorch.
 
 Module names equal the official ``WanModel`` checkpoint keys, so official state dicts load as-is.
+
+Timesteps: ``t`` [B] (one per sample, T2V) or one per token (TI2V: the first latent frame's tokens at 0 in
+image mode), given as [B, L] or factored as ``PerToken(values [U], index [B, L])``. Per token, the time
+MLPs run on the U distinct values only (1 or 2 per step in the TI2V pipeline; embedding all L tokens at
+5B 720p would cost ~3.6 TFLOP in float32), and every modulation (blocks and head) takes its rows per token
+through ``index``, as the official model's [B, L, 6, C] time projection gives the same numbers.
 
 Precision follows the official model under bf16 autocast, made explicit so no autocast is needed:
 - time embedding (sinusoid in float64, then float32), time MLP, modulation and head run in float32;
@@ -12,6 +18,8 @@ Precision follows the official model under bf16 autocast, made explicit so no au
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,63 @@ from torch import Tensor, nn
 
 from wanfast.attention import attention
 from wanfast.config import DiTConfig
+
+
+class PerToken(NamedTuple):
+    """A per-token quantity, factored: token i of sample b takes row ``index[b, i]`` of ``table``.
+
+    ``table`` [U, ...] holds one row per distinct timestep; ``index`` [B, L] (int64; [B, l] once Ulysses
+    keeps this rank's tokens). As a timestep ``t``: table [U]; as the time embedding e: [U, C]; as its
+    projection e0: [U, 6, C]. Rows need not be distinct, only the index matters."""
+
+    table: Tensor
+    index: Tensor
+
+
+Timesteps = Tensor | PerToken  # [B] (or a scalar / [1], shared by the batch), [B, L], or PerToken
+
+
+def factor_timesteps(t: Tensor) -> PerToken:
+    """Per-token timesteps [B, L] -> PerToken(distinct values [U], index [B, L]). ``torch.unique`` has a
+    data-dependent size, so on a GPU this waits for the device once (the accel cache runs it once per
+    step); ``first_frame_timesteps`` builds the factored form directly, without waiting."""
+    values, index = torch.unique(t, return_inverse=True)
+    return PerToken(values, index)
+
+
+def first_frame_timesteps(t: Tensor | float, grid: tuple[int, int, int]) -> PerToken:
+    """TI2V image mode: timesteps [B] (or a scalar) -> per-token timesteps over the L = f*h*w patch tokens
+    of ``grid``: 0 on the first latent frame's h*w tokens, t[b] on every other token of sample b (the
+    official pipeline builds the same values densely as first-frame mask * t). Factored with no host sync:
+    values [1 + B] = (0, t_0, .., t_{B-1}), index [B, L]."""
+    t = torch.as_tensor(t).reshape(-1)  # [B]
+    f, h, w = grid
+    values = torch.cat([t.new_zeros(1), t])
+    index = torch.arange(1, t.numel() + 1, device=t.device)[:, None].repeat(1, f * h * w)  # [B, L]
+    index[:, : h * w] = 0
+    return PerToken(values, index)
+
+
+def as_timesteps(t: Timesteps | float, device: torch.device) -> Timesteps:
+    """``t`` on ``device``: the very object when already there (the accel cache keys on identity)."""
+    if not isinstance(t, PerToken):
+        return torch.as_tensor(t, device=device)
+    table, index = torch.as_tensor(t.table, device=device), t.index.to(device)
+    return t if table is t.table and index is t.index else PerToken(table, index)
+
+
+def modulation_rows(mod: Tensor, e: Tensor | PerToken) -> Callable[[int], Tensor]:
+    """Row k of ``mod + e`` (float32), broadcastable against the stream x [B, l, C].
+
+    ``mod`` [1, K, C] is a block's (K = 6) or the head's (K = 2) table. ``e`` [B, K, C]: rows [B, 1, C],
+    one per sample. ``e`` PerToken(table [U, K, C], index [B, l]): rows [B, l, C], gathered through the
+    index where each is used; a compiled block fuses that gather into the kernel consuming the row (an
+    indirect load), so no [B, l, K, C] tensor exists, and eager makes one [B, l, C] at a time."""
+    if isinstance(e, PerToken):
+        table, index = mod.float()[0] + e.table, e.index  # [U, K, C] float32: each distinct timestep's rows
+        return lambda k: table[:, k][index]  # [B, l, C]
+    rows = (mod.float() + e).chunk(mod.shape[1], dim=1)  # K x [B, 1, C]
+    return lambda k: rows[k]
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
@@ -154,15 +219,19 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, e: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        # x [B, L, C] (float32 after the first gate); e [B, 6, C] float32; context [B, text_len, C]
-        mod = (self.modulation.float() + e).chunk(6, dim=1)  # 6 x [B, 1, C], broadcast over L
-        shift, scale, gate, ff_shift, ff_scale, ff_gate = mod
-        y = self.self_attn(self.norm1(x).float() * (1 + scale) + shift, rope=rope)
-        x = x + y * gate  # float32 gate: the residual stream is float32 from here on, as official
+    def forward(
+        self, x: Tensor, e: Tensor | PerToken, context: Tensor, rope: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        # x [B, l, C] (float32 after the first gate); context [B, text_len, C]; e float32: [B, 6, C] (one
+        # timestep per sample) or PerToken(table [U, 6, C], index [B, l]) (one per token).
+        # Rows of modulation + e: 0 shift, 1 scale, 2 gate, 3 ffn shift, 4 ffn scale, 5 ffn gate, each
+        # [B, 1, C] (broadcast over the tokens) or [B, l, C].
+        mod = modulation_rows(self.modulation, e)
+        y = self.self_attn(self.norm1(x).float() * (1 + mod(1)) + mod(0), rope=rope)
+        x = x + y * mod(2)  # float32 gate: the residual stream is float32 from here on, as official
         x = x + self.cross_attn(self.norm3(x), context)
-        h = self.norm2(x).float() * (1 + ff_scale) + ff_shift
-        return x + self.ffn(h.to(self.ffn[0].weight.dtype)) * ff_gate
+        h = self.norm2(x).float() * (1 + mod(4)) + mod(3)
+        return x + self.ffn(h.to(self.ffn[0].weight.dtype)) * mod(5)
 
 
 class Head(nn.Module):
@@ -174,14 +243,17 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        # x [B, L, C], e [B, C] float32 (the time embedding, not its projection) -> [B, L, out_dim*prod(p)]
-        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)  # [B, 1, C]
-        return _linear_fp32(self.head, self.norm(x).float() * (1 + scale) + shift)
+    def forward(self, x: Tensor, e: Tensor | PerToken) -> Tensor:
+        # x [B, l, C]; e float32, the time embedding (not its projection): [B, C] or PerToken(table [U, C],
+        # index [B, l]) -> [B, l, out_dim*prod(p)]. Rows 0 shift, 1 scale: [B, 1, C] or [B, l, C].
+        e = PerToken(e.table[:, None], e.index) if isinstance(e, PerToken) else e[:, None]  # K = 1 -> 2 rows
+        mod = modulation_rows(self.modulation, e)
+        return _linear_fp32(self.head, self.norm(x).float() * (1 + mod(1)) + mod(0))
 
 
 class WanDiT(nn.Module):
-    """Wan2.2 T2V DiT. forward(x [B, in_dim, F, H, W], t [B], context) -> [B, out_dim, F, H, W] float32."""
+    """Wan2.2 DiT. forward(x [B, in_dim, F, H, W], t, context) -> [B, out_dim, F, H, W] float32, with t
+    [B] or per token ([B, L] or ``PerToken``; L = f*h*w patch tokens of x; a batch of 1 is broadcast)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -221,16 +293,46 @@ class WanDiT(nn.Module):
         """RoPE (cos, sin) [L, D/2] of a patch grid. A hook: ``wanfast.accel`` caches it per grid."""
         return rope_freqs(self.cfg, grid, device)
 
-    def time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def time_embed(self, t: Timesteps) -> tuple[Tensor, Tensor] | tuple[PerToken, PerToken]:
         """t [T] (T = B, or 1 for one timestep shared by the batch) -> (e [T, C], e0 [T, 6, C]), float32.
-        A hook: ``wanfast.accel`` reuses it within a step (the CFG pair gets the same ``t`` tensor)."""
+        Per token, t [B, L] or PerToken(values [U], index [B, L]) -> (PerToken(e [U, C], index),
+        PerToken(e0 [U, 6, C], index)): the MLPs run on the U distinct values only.
+        A hook: ``wanfast.accel`` reuses it within a step (the CFG pair gets the same ``t`` object);
+        Ulysses keeps this rank's part of the index."""
+        if isinstance(t, Tensor) and t.ndim == 2:
+            t = factor_timesteps(t)
+        if isinstance(t, PerToken):
+            e, e0 = self._time_mlp(t.table)
+            return PerToken(e, t.index), PerToken(e0, t.index)
+        return self._time_mlp(t)
+
+    def _time_mlp(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        # t [T] (or a scalar) -> e [T, C], e0 [T, 6, C], float32
         e = sinusoidal_embedding(t.reshape(-1), self.cfg.freq_dim)
         for layer in self.time_embedding:
             e = _linear_fp32(layer, e) if isinstance(layer, nn.Linear) else layer(e)
         e0 = _linear_fp32(self.time_projection[1], F.silu(e))
         return e, e0.unflatten(1, (6, self.cfg.dim))
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | list[Tensor]) -> Tensor:
+    def time_inputs(
+        self, t: Timesteps, batch: int, tokens: int
+    ) -> tuple[Tensor, Tensor] | tuple[PerToken, PerToken]:
+        """The forward's (e, e0) for the head and the blocks: [B, C] and [B, 6, C], or per token
+        PerToken(e [U, C], index [B, l]) and PerToken(e0 [U, 6, C], index). ``t`` is on the device;
+        ``tokens`` = L, the patch tokens of the whole latent (a per-token ``t`` must have them all)."""
+        if isinstance(t, PerToken) or t.ndim == 2:
+            shape = tuple((t.index if isinstance(t, PerToken) else t).shape)
+            if len(shape) != 2 or shape[0] not in (1, batch) or shape[1] != tokens:
+                raise ValueError(
+                    f"per-token timesteps must be [{batch}, {tokens}] (B, L = f*h*w), got {shape}"
+                )
+        e, e0 = self.time_embed(t)
+        if isinstance(e0, PerToken):
+            index = e0.index.expand(batch, -1)  # [B, l]
+            return PerToken(e.table, index), PerToken(e0.table, index)
+        return e.expand(batch, -1), e0.expand(batch, -1, -1)
+
+    def forward(self, x: Tensor, t: Timesteps, context: Tensor | list[Tensor]) -> Tensor:
         B, _, F_, H, W = x.shape
         pt, ph, pw = self.cfg.patch_size
         if F_ % pt or H % ph or W % pw:
@@ -241,8 +343,8 @@ class WanDiT(nn.Module):
         dtype = self.dtype
 
         x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, C], L = f*h*w
-        e, e0 = self.time_embed(torch.as_tensor(t, device=x.device))  # [T, C], [T, 6, C], T = 1 or B
-        e, e0 = e.expand(B, -1), e0.expand(B, -1, -1)  # float32
+        # float32: [B, C], [B, 6, C]; or per token PerToken([U, C] / [U, 6, C], index [B, L])
+        e, e0 = self.time_inputs(as_timesteps(t, x.device), B, math.prod(grid))
         ctx = self.embed_text(context, x.device)  # [B, text_len, C]
         rope = self.rope(grid, x.device)
 

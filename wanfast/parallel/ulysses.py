@@ -7,6 +7,8 @@ where                       tensor                               what happens
 ==========================  ===================================  ==============================================
 ``patch_embedding`` output  [B, C, f, h, w] -> tokens [B, C, L]  padded to Lp, split: this rank keeps l tokens
 ``dit.rope(grid, device)``  cos, sin [L, D/2]                    padded and split the same way -> [l, D/2]
+``dit.time_embed(t)``       per token: index [B, L] into the     padded (row 0), split the same way -> [B, l];
+                            U-row time tables                    the tables are replicated
 self-attention core         q, k, v [B, l, H, D]                 all-to-all -> [B, Lp, H/N, D]; k, v cut to L
                                                                  (padded keys removed), attention, all-to-all
                                                                  back -> [B, l, H, D]
@@ -15,13 +17,13 @@ everything else             (time/text embeddings, modulation,   replicated or t
                             cross-attention, FFN)
 ==========================  ===================================  ==============================================
 
-The model's own forward runs unchanged: the splits are forward hooks, RoPE is an instance attribute over
-``dit.rope`` (as ``wanfast.accel``'s cache), and the all-to-all lives in the attention registry's
-self-attention slot (cross-attention and the VAE use the default slot and pass straight through). That
-slot holds one torch custom op, ``wanfast::ulysses_self_attention``, which regional ``torch.compile``
-(fullgraph) sees as a single opaque node: the collectives run eagerly inside it, so the compiled blocks
-keep their fusions under Ulysses. Gathering after the head moves prod(patch)*out_dim = 64 channels per
-token instead of dim = 5120.
+The model's own forward runs unchanged: the splits are forward hooks, RoPE and the time embedding are
+instance attributes over ``dit.rope`` / ``dit.time_embed`` (as ``wanfast.accel``'s caches), and the
+all-to-all lives in the attention registry's self-attention slot (cross-attention and the VAE use the
+default slot and pass straight through). That slot holds one torch custom op,
+``wanfast::ulysses_self_attention``, which regional ``torch.compile`` (fullgraph) sees as a single opaque
+node: the collectives run eagerly inside it, so the compiled blocks keep their fusions under Ulysses.
+Gathering after the head moves prod(patch)*out_dim = 64 channels per token instead of dim = 5120.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wanfast import attention
+from wanfast.models.dit import PerToken
 
 _PREFIX = "ulysses+"
 # The plan of the DiT whose forward is running: set by its patch-embedding hook, cleared by its head hook
@@ -89,6 +92,17 @@ class UlyssesPlan:
 
         return rope
 
+    def split_time(self, time_fn):
+        def time_embed(t):
+            e, e0 = time_fn(t)  # [T, C], [T, 6, C]: replicated; or per token, PerToken with index [B, L]
+            if not isinstance(e0, PerToken):
+                return e, e0
+            # [B, L] -> [B, l], as the tokens; padded tokens take row 0 and are cut after the head
+            index = self.shard(e0.index, 1)
+            return PerToken(e.table, index), PerToken(e0.table, index)
+
+        return time_embed
+
     def gather_tokens(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         # out [B, l, P] -> [B, L, P]: every rank gets the whole prediction (unpatchify needs the full grid)
         _CURRENT[0] = None
@@ -141,6 +155,7 @@ def apply_ulysses(dit: nn.Module, group: dist.ProcessGroup) -> UlyssesPlan:
     plan = UlyssesPlan(group, dit.cfg.num_heads)
     dit.patch_embedding.register_forward_hook(plan.split_tokens)
     dit.rope = plan.split_rope(dit.rope)  # wraps the RoPE cache when there is one
+    dit.time_embed = plan.split_time(dit.time_embed)  # wraps the time-embedding cache when there is one
     _install_backend(next(dit.parameters()).device)
     dit.head.register_forward_hook(plan.gather_tokens)
     return plan
