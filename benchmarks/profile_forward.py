@@ -94,8 +94,7 @@ def profile_variant(variant: str, size: tuple[int, int], frames: int) -> dict:
     side = WanfastSide(preset, torch.device("cuda"), torch.bfloat16, torch.bfloat16, 0)
     t0 = time.perf_counter()
     dit = side.build_dit(settings)
-    params = resolve_params(preset, "a fox", width=size[0], height=size[1], frames=frames
-    )
+    params = resolve_params(preset, "a fox", width=size[0], height=size[1], frames=frames)
     inp = make_inputs(preset, params, torch.device("cuda"), torch.bfloat16)
     fwd = side.forward(dit, inp)
     fwd()  # compiles

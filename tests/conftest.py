@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-import wanfast.api
+import wanfast.builder
 from wanfast.specs import SPECS
 from wanfast.tools.testing import write_diffusers_checkpoint, write_official_checkpoint
 
@@ -26,5 +26,4 @@ def no_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("models were loaded for an invalid request")
 
-    monkeypatch.setattr(wanfast.api, "load_pipeline", boom)
-    monkeypatch.setattr(wanfast.api, "tiny_pipeline", boom)
+    monkeypatch.setattr(wanfast.builder, "build", boom)

@@ -11,17 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import wanfast.api
+import wanfast.builder
 import wanfast.pipeline
 from wanfast.accel.offload import MemoryBudgetError, estimate_memory, weight_sizes
-from wanfast.api import GiB, load_pipeline, model_preset, plan_memory
+from wanfast.api import load_pipeline
+from wanfast.builder import open_model
 from wanfast.cli import build_parser, engine_settings, main
-from wanfast.config import EngineSettings, SamplingParams
-from wanfast.loading.layout import detect_layout
+from wanfast.config import EngineSettings
+from wanfast.memory import GiB, plan_memory
 from wanfast.server.cli import check_memory, worker_config
 from wanfast.server.schemas import VideoRequest, validate_request
 from wanfast.server.worker import worker_settings
-from wanfast.specs import SPECS
+from wanfast.specs import SPECS, resolve_params
 from wanfast.tools.testing import write_official_checkpoint
 from wanfast.video import read_mp4
 
@@ -38,8 +39,8 @@ def write_lines(path, *entries) -> str:
 
 def test_prompts_file_overrides_outputs_and_one_load(tmp_path, monkeypatch, capsys):
     loads = []
-    real = wanfast.api.tiny_pipeline
-    monkeypatch.setattr(wanfast.api, "tiny_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = wanfast.builder.build
+    monkeypatch.setattr(wanfast.builder, "build", lambda *a, **k: loads.append(1) or real(*a, **k))
     dog = tmp_path / "sub" / "dog.mp4"
     (tmp_path / "sub").mkdir()
     prompts = write_lines(
@@ -127,10 +128,10 @@ def test_empty_prompts_file_and_exclusive_with_prompt(no_loading, tmp_path, caps
 def test_a_failing_prompt_is_reported_and_the_next_runs(tmp_path, monkeypatch, capsys):
     real = wanfast.pipeline.WanPipeline.run
 
-    def run(self, params, progress=None):
+    def run(self, params, progress=None, **kw):
         if params.prompt == "boom":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, params, progress)
+        return real(self, params, progress, **kw)
 
     monkeypatch.setattr(wanfast.pipeline.WanPipeline, "run", run)
     path = write_lines(tmp_path / "p.jsonl", {"prompt": "a"}, {"prompt": "boom"}, {"prompt": "c"})
@@ -148,20 +149,23 @@ def test_a_failing_prompt_is_reported_and_the_next_runs(tmp_path, monkeypatch, c
 
 
 def test_new_generate_flags_map_to_settings_and_params(no_loading, capsys):
-    from wanfast.cli import _params
+    from wanfast.cli import _overrides, _read_prompt, spec_params
+
+    def _params(args, spec):
+        return spec_params(spec, _read_prompt(args), None, _overrides(args))
 
     def parse(*flags):
         return build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", *flags])
 
     args = parse("--t5-cpu", "--self-attention", "sage8", "--memory-budget", "24", "--step-cache", "0.05")
-    s = engine_settings(args, "cuda", torch.bfloat16, torch.float32)
+    s = engine_settings(args)
     assert (s.text_encoder_device, s.self_attention_backend, s.memory_budget_gb) == ("cpu", "sage8", 24.0)
-    assert _params(args, SPECS["tiny"].defaults).step_cache_threshold == 0.05
-    default = engine_settings(parse(), "cuda", torch.bfloat16, torch.float32)
+    assert _params(args, SPECS["tiny"]).step_cache_threshold == 0.05
+    default = engine_settings(parse())
     assert (default.text_encoder_device, default.self_attention_backend, default.memory_budget_gb) == (
         None,
     ) * 3
-    assert _params(parse(), SPECS["tiny"].defaults).step_cache_threshold == 0.0  # off by default
+    assert _params(parse(), SPECS["tiny"]).step_cache_threshold == 0.0  # off by default
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--step-cache", "-1"]) == 2
     assert "step_cache_threshold must be >= 0" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--memory-budget", "0"]) == 2
@@ -180,7 +184,8 @@ def deep_tiny(tmp_path_factory):
 
 
 def needs(folder, size=(32, 32), frames=5) -> dict:
-    preset, fp8 = model_preset(detect_layout(folder))
+    model = open_model(folder)
+    preset, fp8 = model.spec, model.fp8_checkpoint
     assert preset.dit.num_layers == 8 and preset.text_encoder == SPECS["tiny"].text_encoder and not fp8
     need = {
         m: estimate_memory(preset, size, frames, m, dtype=torch.float32) for m in (None, "expert", "blocks")
@@ -257,7 +262,7 @@ def test_api_load_pipeline_picks_the_same_mode(deep_tiny, caplog):
     need = needs(deep_tiny)
     settings = EngineSettings(device="cpu", dtype=torch.float32, vae_dtype=torch.float32)
     budget = (need["blocks"] + need["expert"]) / 2 / GiB
-    with caplog.at_level(logging.INFO, logger="wanfast.api"):
+    with caplog.at_level(logging.INFO, logger="wanfast.builder"):
         pipe = load_pipeline(
             deep_tiny, settings=replace(settings, memory_budget_gb=budget), plan_sizes=[(32, 32, 5)]
         )
@@ -275,7 +280,7 @@ def test_estimates_count_fp8_and_the_text_encoder_placement():
     bf16, fp8 = weight_sizes(a14b), weight_sizes(a14b, quant="fp8")
     assert 0.45 < fp8.expert / bf16.expert < 0.55 and fp8.non_block == bf16.non_block
     assert weight_sizes(a14b, text_encoder_on_device=False).text_encoder == 0 < bf16.text_encoder
-    s = EngineSettings(memory_budget_gb=24, text_encoder_device="cpu")
+    s = EngineSettings(device="cuda", dtype=torch.bfloat16, memory_budget_gb=24, text_encoder_device="cpu")
     assert plan_memory(s, a14b, [(1280, 720, 81)])[0].offload == "blocks"
     with pytest.raises(MemoryBudgetError, match="use a smaller size or fewer frames, --quant fp8, --t5-cpu"):
         plan_memory(replace(s, text_encoder_device=None), a14b, [(1280, 720, 81)])
@@ -293,18 +298,23 @@ def test_estimates_count_fp8_and_the_text_encoder_placement():
 
 def test_serve_flags_reach_the_worker_settings(tmp_path):
     flags = ["--quant", "fp8", "--offload", "blocks", "--memory-budget", "20", "--t5-cpu"]
-    flags += ["--self-attention", "sage8", "--no-compile", "--device", "cpu"]
+    flags += ["--self-attention", "sdpa-math", "--no-compile", "--device", "cpu"]
     args = build_parser().parse_args(["serve", "--model", "tiny", *flags])
     cfg = json.loads(json.dumps(worker_config(args, tmp_path)))  # as the worker process receives it
     s = worker_settings(cfg)
     assert (s.quant, s.offload, s.memory_budget_gb, s.text_encoder_device) == ("fp8", "blocks", 20.0, "cpu")
-    assert (s.self_attention_backend, s.compile, s.device, s.dtype) == ("sage8", False, "cpu", torch.float32)
+    assert (s.self_attention_backend, s.compile, s.device, s.dtype) == (
+        "sdpa-math",
+        False,
+        "cpu",
+        torch.float32,
+    )
     plain = worker_settings(worker_config(build_parser().parse_args(["serve", "--model", "tiny"]), tmp_path))
     assert (plain.quant, plain.offload, plain.memory_budget_gb, plain.compile) == (None, None, None, None)
     why, fits = check_memory(cfg)
     assert "-> --offload blocks (asked for, fits)" in why
     with pytest.raises(MemoryBudgetError, match="--offload blocks does not fit"):
-        check_memory({**cfg, "memory_budget_gb": 1e-6})
+        check_memory({**cfg, "settings": {**cfg["settings"], "memory_budget_gb": 1e-6}})
 
 
 def test_serve_rejects_a_request_its_budget_cannot_hold_before_queueing(tmp_path):
@@ -328,11 +338,11 @@ def test_serve_rejects_a_request_its_budget_cannot_hold_before_queueing(tmp_path
     )
     why, fits = check_memory(worker_config(args, tmp_path))
     assert "-> resident (the fastest that fits)" in why
-    fits(SamplingParams("a cat", width=d.size[0], height=d.size[1], frames=d.frames))  # the default fits
+    fits(resolve_params(tiny, "a cat"))  # the default fits
     with pytest.raises(MemoryBudgetError, match=rf"{big[0]}x{big[1]} x {d.frames} frames does not fit"):
-        fits(SamplingParams("a cat", width=big[0], height=big[1], frames=d.frames))
+        fits(resolve_params(tiny, "a cat", width=big[0], height=big[1]))
     store = JobStore(tmp_path / "jobs.db")
-    app = create_app(store, ServerSettings(results_dir=tmp_path, defaults=d, fits=fits))
+    app = create_app(store, ServerSettings(results_dir=tmp_path, spec=tiny, fits=fits))
     with TestClient(app) as client:
         ok = client.post("/v1/videos", json={"prompt": "a cat"})
         too_big = client.post("/v1/videos", json={"prompt": "a cat", "size": f"{big[0]}x{big[1]}"})
@@ -344,13 +354,13 @@ def test_serve_rejects_a_request_its_budget_cannot_hold_before_queueing(tmp_path
 
 
 def test_job_body_accepts_cfg_steps_and_step_cache_threshold():
-    defaults = SPECS["tiny"].defaults
-    stored, params = validate_request(
+    defaults = SPECS["tiny"]  # validated against the tiny spec
+    stored, params, _ = validate_request(
         VideoRequest(prompt="a cat", cfg_steps=2, step_cache_threshold=0.05), defaults, 100
     )
     assert stored["cfg_steps"] == 2 and stored["step_cache_threshold"] == 0.05
     assert (params.cfg_steps, params.step_cache_threshold) == (2, 0.05)
-    _, params = validate_request(VideoRequest(prompt="a cat"), defaults, 100)
+    _, params, _ = validate_request(VideoRequest(prompt="a cat"), defaults, 100)
     assert (params.cfg_steps, params.step_cache_threshold) == (None, 0.0)
     for bad in ({"cfg_steps": -1}, {"step_cache_threshold": -0.5}, {"cfg_steps": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):

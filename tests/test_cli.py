@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import wanfast.api
 import wanfast.config
 import wanfast.pipeline
+import wanfast.specs
 from wanfast.cli import main
 from wanfast.video import read_mp4
 
@@ -109,7 +110,7 @@ def test_optimisation_switches_map_to_engine_settings():
 
     def settings(*flags):
         args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", *flags])
-        return engine_settings(args, "cpu", torch.float32, torch.float32)
+        return engine_settings(args)
 
     default = settings()
     assert (
@@ -152,11 +153,11 @@ def test_a_split_that_does_not_fit_the_launch_fails_before_loading(no_loading, c
 
 
 def test_sampling_preset_then_explicit_flags():
-    from wanfast.cli import _params, build_parser
+    from wanfast.cli import _overrides, build_parser, spec_params
 
     def params(*flags):
         args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", *flags])
-        return _params(args, wanfast.specs.SPECS["tiny"].defaults)
+        return spec_params(wanfast.specs.SPECS["tiny"], "x", None, _overrides(args))
 
     p = params("--sampling-preset", "lightning-4step")
     assert (p.steps, p.solver, p.shift, p.guidance_high_noise, p.guidance_low_noise) == (
@@ -186,7 +187,7 @@ def test_missing_lora_file_fails_before_loading(no_loading, tmp_path, capsys):
 
 
 def test_out_of_memory_names_the_mode_that_would_fit(monkeypatch, tmp_path, capsys):
-    def oom(self, params, progress=None):
+    def oom(self, params, progress=None, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(wanfast.pipeline.WanPipeline, "run", oom)
@@ -194,7 +195,9 @@ def test_out_of_memory_names_the_mode_that_would_fit(monkeypatch, tmp_path, caps
     from wanfast.cli import out_of_memory_message
 
     msg = out_of_memory_message(
-        wanfast.specs.SPECS["t2v-A14B"], wanfast.config.SamplingParams("x"), "cuda"
+        wanfast.specs.SPECS["t2v-A14B"],
+        wanfast.specs.resolve_params(wanfast.specs.SPECS["t2v-A14B"], "x"),
+        "cuda",
     )
     assert "--offload expert needs" in msg and "use --offload expert" in msg  # 60 GiB: expert mode fits
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2

@@ -8,18 +8,23 @@ import shutil
 import pytest
 import torch
 
-from wanfast import CheckpointError, detect_layout, load_text_encoder, load_transformer, load_vae
+from wanfast import CheckpointError, load_text_encoder, load_transformer, load_vae
 from wanfast.loading.checkpoint import safetensors_files
+from wanfast.loading.layout import detect
 from wanfast.specs import SPECS
+
+
+def detect_layout(folder):
+    return detect(folder)[1]
 
 
 def test_detect_layouts(tiny_official, tiny_diffusers):
     off, dif = detect_layout(tiny_official), detect_layout(tiny_diffusers)
-    assert off.kind == "official" and off.high_noise.name == "high_noise_model"
+    assert off.kind == "official" and off.experts["high_noise"].name == "high_noise_model"
     assert (
         dif.kind == "diffusers"
-        and dif.high_noise.name == "transformer"
-        and dif.low_noise.name == "transformer_2"
+        and dif.experts["high_noise"].name == "transformer"
+        and dif.experts["low_noise"].name == "transformer_2"
     )
     assert dif.boundary == SPECS["tiny"].defaults.boundary
 
@@ -28,12 +33,12 @@ def test_wrong_or_missing_folder(tmp_path, tiny_official):
     with pytest.raises(FileNotFoundError, match="not found"):
         detect_layout(tmp_path / "nope")
     (tmp_path / "junk").mkdir()
-    with pytest.raises(CheckpointError, match="neither the official"):
+    with pytest.raises(CheckpointError, match="neither an official"):
         detect_layout(tmp_path / "junk")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_official, broken)
     (broken / "Wan2.1_VAE.pth").unlink()
-    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth"):
+    with pytest.raises(FileNotFoundError, match="one VAE checkpoint .Wan2.1_VAE.pth or Wan2.2_VAE.pth"):
         detect_layout(broken)
 
 

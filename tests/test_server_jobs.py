@@ -127,13 +127,12 @@ def test_fencing_keeps_an_orphaned_worker_out(store, tmp_path):
 
 
 def test_validate_request_shares_the_pipeline_rules():
-    defaults, limit = SPECS["tiny"].defaults, 50
-    ok, params = validate_request(
-        VideoRequest(prompt="a cat", size="64x32", frames=5, fps=8), defaults, limit
-    )
+    spec, limit = SPECS["tiny"], 50
+    defaults = spec.defaults
+    ok, params, _ = validate_request(VideoRequest(prompt="a cat", size="64x32", frames=5, fps=8), spec, limit)
     assert ok == {"prompt": "a cat", "size": [64, 32], "frames": 5, "seed": 0, "fps": 8}
     assert (params.width, params.height, params.frames, params.steps) == (64, 32, 5, defaults.steps)
-    stored, params = validate_request(VideoRequest(prompt="a", negative_prompt=""), defaults, limit)
+    stored, params, _ = validate_request(VideoRequest(prompt="a", negative_prompt=""), spec, limit)
     assert stored["negative_prompt"] == "" and params.negative_prompt == defaults.negative_prompt
     bad = [
         ({"size": "100x100"}, "width must be a positive multiple of 16"),
@@ -144,4 +143,4 @@ def test_validate_request_shares_the_pipeline_rules():
     ]
     for fields, message in bad:
         with pytest.raises(ValueError, match=message):
-            validate_request(VideoRequest(**{"prompt": "a cat", **fields}), defaults, limit)
+            validate_request(VideoRequest(**{"prompt": "a cat", **fields}), spec, limit)

@@ -32,8 +32,13 @@ def test_resolve_params_rules():
     d = spec.defaults
     assert (p.width, p.height, p.frames, p.steps) == (*d.size, d.frames, d.steps)
     assert p.negative_prompt == DEFAULT_NEGATIVE_PROMPT
-    assert resolve_params(spec, "x", negative_prompt="").negative_prompt == DEFAULT_NEGATIVE_PROMPT  # official
-    assert (resolve_params(spec, "x", size="32x48").width, resolve_params(spec, "x", size=(32, 48)).height) == (32, 48)
+    assert (
+        resolve_params(spec, "x", negative_prompt="").negative_prompt == DEFAULT_NEGATIVE_PROMPT
+    )  # official
+    assert (
+        resolve_params(spec, "x", size="32x48").width,
+        resolve_params(spec, "x", size=(32, 48)).height,
+    ) == (32, 48)
     g = resolve_params(spec, "x", guidance=2.0, guidance_low_noise=1.5)  # the named one wins
     assert (g.guidance_high_noise, g.guidance_low_noise) == (2.0, 1.5)
     with pytest.raises(ConfigError, match="multiple of 16 for tiny"):
@@ -71,7 +76,9 @@ def test_i2v_output_size_follows_the_image_aspect_ratio():
 def test_best_output_size():
     assert best_output_size(1280, 704, 32, 32, 1280 * 704) == (1280, 704)
     w, h = best_output_size(800, 600, 32, 32, 1280 * 704)  # 4:3 within the 1280x704 area
-    assert w % 32 == 0 and h % 32 == 0 and w * h <= 1280 * 704 and (w, h) == (1088, 800)  # width-first: ratio 1.36 beats 1.40
+    assert (
+        w % 32 == 0 and h % 32 == 0 and w * h <= 1280 * 704 and (w, h) == (1088, 800)
+    )  # width-first: ratio 1.36 beats 1.40
 
 
 def test_detect_official_and_diffusers(tmp_path):
@@ -129,8 +136,12 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` (the pixel data is a stub): a decompression bomb
     must be refused from its header."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    chunk = lambda kind, data: (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    )  # noqa: E731
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def test_load_image_checks(tmp_path):

@@ -1,4 +1,4 @@
-"""wanfast: fast inference for the Wan2.2 text-to-video models.
+"""wanfast: fast inference for the Wan2.2 video models (T2V-A14B, TI2V-5B, I2V-A14B).
 
 The public names load on first use (PEP 562), so ``import wanfast`` and the CLI's argument checks do not
 pay for torch model code and transformers before they need them.
@@ -13,14 +13,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_pipeline": "wanfast.api",
     "tiny_pipeline": "wanfast.api",
-    "SPECS": "wanfast.config",
+    "SPECS": "wanfast.specs",
+    "ModelSpec": "wanfast.specs",
+    "build_pipeline": "wanfast.builder",
+    "load_image": "wanfast.image",
     "ConfigError": "wanfast.config",
     "DiTConfig": "wanfast.config",
     "EngineSettings": "wanfast.config",
     "SamplingParams": "wanfast.config",
     "VAEConfig": "wanfast.config",
     "CheckpointError": "wanfast.loading.checkpoint",
-    "detect_layout": "wanfast.loading.layout",
+    "detect": "wanfast.loading.layout",
     "load_text_encoder": "wanfast.loading.layout",
     "load_transformer": "wanfast.loading.layout",
     "load_vae": "wanfast.loading.layout",

@@ -100,7 +100,9 @@ def _read_item(path: Path, number: int, text: str, base: dict, spec, image: Path
         params = resolve_params(spec, entry["prompt"], image_size=size, **overrides)
     except (ConfigError, FileNotFoundError) as e:
         raise ConfigError(f"{where}: {e}") from None
-    out = Path(entry["output"]) if "output" in entry else output.with_name(f"{output.stem}_{i}{output.suffix}")
+    out = (
+        Path(entry["output"]) if "output" in entry else output.with_name(f"{output.stem}_{i}{output.suffix}")
+    )
     lat = latents.with_name(f"{latents.stem}_{i}{latents.suffix}") if latents is not None else None
     return BatchItem(i, number, entry["prompt"], overrides, params, out, fps, lat, img_path)
 
@@ -122,7 +124,9 @@ def read_prompts_file(
         if not text.strip():
             continue
         try:
-            items.append(_read_item(path, number, text.rstrip("\r"), base, spec, image, len(items), output, latents))
+            items.append(
+                _read_item(path, number, text.rstrip("\r"), base, spec, image, len(items), output, latents)
+            )
         except ConfigError as e:
             errors.append(str(e))
     if errors:

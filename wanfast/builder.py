@@ -103,7 +103,10 @@ def plan(
         from wanfast.parallel import parallel_settings
         from wanfast.parallel.dist import check_split
 
-        check_split(settings.cfg_parallel, settings.ulysses, int(os.environ.get("WORLD_SIZE", "1")), spec.dit.num_heads)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; a group joined by hand says its own
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+        check_split(settings.cfg_parallel, settings.ulysses, world, spec.dit.num_heads)
         settings = parallel_settings(settings)
     if settings.lora_high_noise or settings.lora_low_noise:
         from wanfast.loading.lora import check_lora_settings

@@ -56,7 +56,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc, as official")
     p.add_argument("--shift", type=float, default=None, help="sigma shift; " + defaults_help("shift"))
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale of every expert (one-DiT models: its scale)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale of every expert (one-DiT models: its scale)"
+    )
     p.add_argument("--guidance-high-noise", type=float, default=None,
                    help="CFG scale of the high-noise expert; " + defaults_help("guidance_high_noise"))  # fmt: skip
     p.add_argument("--guidance-low-noise", type=float, default=None,
@@ -69,7 +71,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="lossy: skip a DiT forward while the input changed less than THRESHOLD (0: off)")  # fmt: skip
     p.add_argument("--sampling-preset", default=None, metavar="NAME",
                    help="sampling values a LoRA expects, e.g. lightning-4step (4 steps, guidance 1, euler)")  # fmt: skip
-    p.add_argument("--fps", type=_positive_int, default=None, help="frame rate of the MP4; " + defaults_help("fps"))
+    p.add_argument(
+        "--fps", type=_positive_int, default=None, help="frame rate of the MP4; " + defaults_help("fps")
+    )
     p.add_argument("--output", type=Path, default=Path("output.mp4"))
     p.add_argument(
         "--save-latents", type=Path, default=None, help="also write the final latents (safetensors)"

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wanfast.models.dit import first_frame_timesteps
+
 
 @dataclass
 class Condition:
@@ -41,17 +43,16 @@ class Condition:
             return x
         return torch.cat([self.first_frame.to(x.dtype), x[:, 1:]], dim=1)
 
-    def timestep(self, t: float, x: Tensor) -> Tensor:
-        """The DiT's t for one sample: [1], or [1, L] with the first frame's tokens at 0 (first_frame;
-        tokens in (frame, row, column) order, so the first frame's are the first h' * w')."""
+    def timestep(self, t: float, x: Tensor):
+        """The DiT's t for one sample: [1], or per token with the first frame's tokens at 0 (first_frame;
+        ``models.dit.first_frame_timesteps``, factored: the time MLP runs on the 2 distinct values, and the
+        same object serves both CFG passes, so the second reuses the cached embedding)."""
+        t_in = torch.full((1,), float(t), device=x.device)
         if self.first_frame is None:
-            return torch.full((1,), float(t), device=x.device)
+            return t_in
         _, f, h, w = x.shape
         pt, ph, pw = self.patch
-        per_frame = (h // ph) * (w // pw)
-        ts = torch.full((1, (f // pt) * per_frame), float(t), device=x.device)
-        ts[:, :per_frame] = 0.0  # latent frame 0 is the image: clean (official mask * t)
-        return ts
+        return first_frame_timesteps(t_in, (f // pt, h // ph, w // pw))
 
 
 def best_output_size(w: int, h: int, dw: int, dh: int, area: int) -> tuple[int, int]:

@@ -35,7 +35,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """Every ``EngineSettings`` switch, for generate and serve alike."""
     dev = p.add_argument_group("device and precision")
     dev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    dev.add_argument("--dtype", default=None, help="DiT/text-encoder dtype: bf16 (default on GPU), fp16, fp32")
+    dev.add_argument(
+        "--dtype", default=None, help="DiT/text-encoder dtype: bf16 (default on GPU), fp16, fp32"
+    )
     dev.add_argument("--vae-dtype", default=None, help="VAE dtype (default fp32, as official)")
     dev.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep UMT5 off the GPU")
     dev.add_argument("--t5-cpu", dest="text_encoder_device", action="store_const", const="cpu",

@@ -26,7 +26,9 @@ def _check_size(width: int, height: int, where: str) -> None:
     if min(width, height) < MIN_SIDE:
         raise ConfigError(f"{where} is {width}x{height}: each side must be at least {MIN_SIDE} pixels")
     if width * height > MAX_PIXELS:
-        raise ConfigError(f"{where} is {width}x{height}: at most {MAX_PIXELS // 2**20} megapixels are accepted")
+        raise ConfigError(
+            f"{where} is {width}x{height}: at most {MAX_PIXELS // 2**20} megapixels are accepted"
+        )
 
 
 def _from_tensor(t: torch.Tensor):
@@ -65,14 +67,18 @@ def load_image(source, where: str = "image"):
     elif isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     else:
-        raise ConfigError(f"{where} must be a path, image bytes, a PIL image or a tensor, not {type(source).__name__}")
+        raise ConfigError(
+            f"{where} must be a path, image bytes, a PIL image or a tensor, not {type(source).__name__}"
+        )
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(f"{where} is over {MAX_FILE_BYTES // 2**20} MiB")
     try:
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:  # PIL's own guard, from the header (twice its warning limit)
-            raise ConfigError(f"{where} is too large: at most {MAX_PIXELS // 2**20} megapixels are accepted") from None
+            raise ConfigError(
+                f"{where} is too large: at most {MAX_PIXELS // 2**20} megapixels are accepted"
+            ) from None
         _check_size(*img.size, where)  # from the header: a bomb is refused before it is decoded
         img.load()
     except ConfigError:

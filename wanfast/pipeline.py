@@ -210,8 +210,12 @@ class WanPipeline:
         ``image`` a ``PIL.Image`` (``wanfast.image.load_image``) for a model that takes one. ``on_stage``
         is told "vae_decode" when the decode starts (the steps' progress says nothing there)."""
         conditioning = CONDITIONINGS[self.spec.conditioning]
-        if (image is None and self.spec.image == "required") or (image is not None and self.spec.image == "none"):
-            raise ValueError(f"{self.spec.name}: " + ("an image is required" if image is None else "takes no image"))
+        if (image is None and self.spec.image == "required") or (
+            image is not None and self.spec.image == "none"
+        ):
+            raise ValueError(
+                f"{self.spec.name}: " + ("an image is required" if image is None else "takes no image")
+            )
         reset_caches(self)  # per-request caches (cross-attention K/V of the last prompts) start empty
         timer = _Timer(self.device)
         if self.device.type == "cuda":

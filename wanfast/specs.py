@@ -21,6 +21,7 @@ from wanfast.config import (
     DiTConfig,
     SamplingParams,
     TextEncoderConfig,
+    VAE22Config,
     VAEConfig,
 )
 
@@ -159,7 +160,9 @@ def resolve_params(
 
         _positive_ints(base)
         area = base["width"] * base["height"]
-        base["width"], base["height"] = CONDITIONINGS[spec.conditioning].size_for_image(spec, image_size, area)
+        base["width"], base["height"] = CONDITIONINGS[spec.conditioning].size_for_image(
+            spec, image_size, area
+        )
     params = SamplingParams(**base)
     check_params(spec, params)
     return params
@@ -191,6 +194,11 @@ _TINY_TEXT = TextEncoderConfig(
 _TINY_VAE = VAEConfig(dim=8, num_res_blocks=1)
 _TINY_DEFAULTS = SamplingDefaults(size=(64, 48), frames=9, steps=4, shift=5.0)
 
+_TI2V_DIT = DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
+_TI2V_DEFAULTS = SamplingDefaults(
+    size=(1280, 704), frames=121, steps=50, shift=5.0, boundary=0.0, guidance_high_noise=5.0,
+    guidance_low_noise=5.0, fps=24,
+)  # fmt: skip
 _I2V_DEFAULTS = SamplingDefaults(  # wan/configs/wan_i2v_A14B.py
     boundary=0.900, guidance_high_noise=3.5, guidance_low_noise=3.5, shift=5.0
 )
@@ -198,22 +206,56 @@ _I2V_DEFAULTS = SamplingDefaults(  # wan/configs/wan_i2v_A14B.py
 SPECS: dict[str, ModelSpec] = {
     # wan/configs/wan_t2v_A14B.py: boundary 0.875, guidance (3.0 low, 4.0 high), shift 12.0, 40 steps
     "t2v-A14B": ModelSpec(
-        name="t2v-A14B", dit=_A14B_DIT, vae=VAEConfig(), text_encoder=TextEncoderConfig(),
+        name="t2v-A14B",
+        dit=_A14B_DIT,
+        vae=VAEConfig(),
+        text_encoder=TextEncoderConfig(),
         defaults=SamplingDefaults(),
     ),  # fmt: skip
     # The A14B DiT on 36 channels: noise (16) | mask (4) | image latents (16); no CLIP image encoder.
     "i2v-A14B": ModelSpec(
-        name="i2v-A14B", dit=replace(_A14B_DIT, in_dim=36), vae=VAEConfig(), text_encoder=TextEncoderConfig(),
-        defaults=_I2V_DEFAULTS, conditioning="concat", image="required",
+        name="i2v-A14B",
+        dit=replace(_A14B_DIT, in_dim=36),
+        vae=VAEConfig(),
+        text_encoder=TextEncoderConfig(),
+        defaults=_I2V_DEFAULTS,
+        conditioning="concat",
+        image="required",
+    ),  # fmt: skip
+    # One DiT on the Wan2.2 VAE's 48 channels; an optional image becomes the first latent frame.
+    # wan/configs/wan_ti2v_5B.py: 1280x704, 121 frames at 24 fps, 50 steps, shift 5.0, guidance 5.0
+    "ti2v-5B": ModelSpec(
+        name="ti2v-5B",
+        dit=_TI2V_DIT,
+        vae=VAE22Config(),
+        text_encoder=TextEncoderConfig(),
+        defaults=_TI2V_DEFAULTS,
+        experts=ONE_EXPERT,
+        conditioning="first_frame",
+        image="optional",
     ),  # fmt: skip
     # Small random-weight models for demos and CPU tests: same structure, tiny dims.
     "tiny": ModelSpec(
         name="tiny", dit=_TINY_DIT, vae=_TINY_VAE, text_encoder=_TINY_TEXT, defaults=_TINY_DEFAULTS
     ),
     "tiny-i2v": ModelSpec(
-        name="tiny-i2v", dit=replace(_TINY_DIT, in_dim=36), vae=_TINY_VAE, text_encoder=_TINY_TEXT,
+        name="tiny-i2v",
+        dit=replace(_TINY_DIT, in_dim=36),
+        vae=_TINY_VAE,
+        text_encoder=_TINY_TEXT,
         defaults=replace(_TINY_DEFAULTS, boundary=0.9, guidance_high_noise=3.5, guidance_low_noise=3.5),
-        conditioning="concat", image="required",
+        conditioning="concat",
+        image="required",
+    ),  # fmt: skip
+    "tiny-ti2v": ModelSpec(
+        name="tiny-ti2v",
+        dit=replace(_TINY_DIT, in_dim=48, out_dim=48),
+        text_encoder=_TINY_TEXT,
+        vae=VAE22Config(dim=8, dec_dim=16, num_res_blocks=1),
+        experts=ONE_EXPERT,
+        defaults=replace(_TI2V_DEFAULTS, size=(64, 64), frames=9, steps=4),
+        conditioning="first_frame",
+        image="optional",
     ),  # fmt: skip
 }
 
@@ -229,7 +271,9 @@ def get_spec(name: str) -> ModelSpec:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(SPECS)}") from None
 
 
-def family_spec(dit: DiTConfig, vae, num_experts: int, model_type: str | None = None, where: str = "") -> ModelSpec:
+def family_spec(
+    dit: DiTConfig, vae, num_experts: int, model_type: str | None = None, where: str = ""
+) -> ModelSpec:
     """The spec of a checkpoint from what it holds: the family from the number of experts and the DiT's
     input channels against the VAE's latent channels (checked against the official ``model_type`` when the
     config records one); the published model's sampling defaults when the DiT has its width and depth,
@@ -247,11 +291,16 @@ def family_spec(dit: DiTConfig, vae, num_experts: int, model_type: str | None = 
             f"{z}-channel VAE"
         )
     if model_type is not None and model_type != family:
-        raise ConfigError(f"{where}: config.json says model_type {model_type!r} but the weights are {family!r}")
+        raise ConfigError(
+            f"{where}: config.json says model_type {model_type!r} but the weights are {family!r}"
+        )
     names = [n for n in FAMILIES[family] if n in SPECS]
     if not names:
         raise ConfigError(f"{where}: {family} models are not supported yet")
     published = SPECS.get(FAMILIES[family][0])
-    same = published is not None and (published.dit.dim, published.dit.num_layers) == (dit.dim, dit.num_layers)
+    same = published is not None and (published.dit.dim, published.dit.num_layers) == (
+        dit.dim,
+        dit.num_layers,
+    )
     base = published if same else SPECS[FAMILIES[family][1]]
     return replace(base, dit=dit, vae=vae)

@@ -75,9 +75,11 @@ def _find_paths(root: Path) -> CheckpointPaths:
         two = (root / "transformer_2").is_dir() or index.get("transformer_2", [None])[0] is not None
         if two and not (root / "transformer_2").is_dir():
             raise FileNotFoundError(f"Diffusers layout: folder transformer_2/ missing in {root}")
-        experts = {"high_noise": root / "transformer", "low_noise": root / "transformer_2"} if two else {
-            "dit": root / "transformer"
-        }
+        experts = (
+            {"high_noise": root / "transformer", "low_noise": root / "transformer_2"}
+            if two
+            else {"dit": root / "transformer"}
+        )
         return CheckpointPaths(
             "diffusers", experts, root / "text_encoder", root / "tokenizer", root / "vae",
             index.get("boundary_ratio"),
@@ -178,7 +180,9 @@ def load_transformer(
     )  # fmt: skip
 
 
-def load_vae(path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32):
+def load_vae(
+    path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32
+):
     """The VAE a file or folder holds: the Wan2.1 VAE (``WanVAE``) or the Wan2.2 VAE (``Wan22VAE``), from
     a ``.pth`` (or a folder holding one) or a Diffusers ``vae/`` folder; which one from its contents."""
     from wanfast.loading import vae22_keys
@@ -192,7 +196,11 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cuda", dtype
         d = read_json(p / "config.json", "VAE config")
         raw = read_safetensors(safetensors_files(p, DIT_WEIGHTS))
         if vae22_keys.is_wan22_diffusers_config(d):
-            cfg, sd, cls = vae22_keys.config_from_diffusers_json(d), vae22_keys.diffusers_to_official(raw), Wan22VAE
+            cfg, sd, cls = (
+                vae22_keys.config_from_diffusers_json(d),
+                vae22_keys.diffusers_to_official(raw),
+                Wan22VAE,
+            )
         else:
             cfg, sd, cls = vae_keys.config_from_diffusers_json(d), vae_keys.diffusers_to_official(raw), WanVAE
     else:

@@ -101,8 +101,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     sizes = args.sizes or [preset.defaults.size, *([(1280, 720)] if args.model == "t2v-A14B" else [])]
     overrides = dict(frames=args.frames, steps=args.steps, seed=args.seed)
     params = {  # SamplingParams validates every size, the frame count and the step count
-        f"{w}x{h}": resolve_params(preset, PROMPT, width=w, height=h, **overrides)
-        for w, h in sizes
+        f"{w}x{h}": resolve_params(preset, PROMPT, width=w, height=h, **overrides) for w, h in sizes
     }
     base = EngineSettings(
         device=str(device), dtype=dtype, vae_dtype=vae_dtype, attention_backend=args.attention,

@@ -73,7 +73,10 @@ def quantize_expert(
     sd = fp8_state_dict(dit)
     shards = save_sharded(sd, dst, max_shard_bytes)
     kind = model_type(src) or "t2v"
-    config = dit_keys.official_config_json(dit.cfg, kind) | {"text_dim": dit.cfg.text_dim, MARKER: marker(policy, dtype)}
+    config = dit_keys.official_config_json(dit.cfg, kind) | {
+        "text_dim": dit.cfg.text_dim,
+        MARKER: marker(policy, dtype),
+    }
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return {"src": str(src), "dst": str(dst), "fp8_linears": len(fp8_modules(dit)), "shards": len(shards),
             "bytes": sum(t.numel() * t.element_size() for t in sd.values())}  # fmt: skip
@@ -90,7 +93,9 @@ def _is_dit_file(entry: Path) -> bool:
     return entry.name == "config.json" or entry.name.startswith(DIT_WEIGHTS)
 
 
-def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, policy=None, device: str = "cpu") -> list[dict]:
+def quantize_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, policy=None, device: str = "cpu"
+) -> list[dict]:
     """A whole checkpoint folder: every DiT quantised, everything else linked. Returns the summaries."""
     from wanfast.loading.layout import detect, is_fp8_checkpoint
 

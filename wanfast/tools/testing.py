@@ -126,11 +126,15 @@ def write_diffusers_checkpoint(
         sub = _DIFFUSERS_DIRS[expert]
         sd = dit_keys.official_to_diffusers(dit_state_dict(spec.dit, seed * 10 + _SEEDS[expert]))
         write_sharded_safetensors(sd, root / sub, "diffusion_pytorch_model", 2, dtype)
-        (root / sub / "config.json").write_text(json.dumps(dit_keys.diffusers_config_json(spec.dit), indent=2))
+        (root / sub / "config.json").write_text(
+            json.dumps(dit_keys.diffusers_config_json(spec.dit), indent=2)
+        )
     write_diffusers_t5(root / "text_encoder", spec.text_encoder, seed * 10 + 3, dtype)
     write_tiny_tokenizer(root / "tokenizer", spec.text_encoder.vocab_size)
     _, vae_sd, vae_config = _vae(spec, seed * 10 + _SEEDS["vae"])
-    write_sharded_safetensors(_vae_to_diffusers(spec, vae_sd), root / "vae", "diffusion_pytorch_model", 1, dtype)
+    write_sharded_safetensors(
+        _vae_to_diffusers(spec, vae_sd), root / "vae", "diffusion_pytorch_model", 1, dtype
+    )
     (root / "vae" / "config.json").write_text(json.dumps(vae_config, indent=2))
     (root / "scheduler").mkdir(exist_ok=True)
     scheduler = {
