@@ -148,7 +148,7 @@ def _warm_params(params: SamplingParams) -> SamplingParams:
     from wanfast.solvers import make_solver
 
     ts = make_solver(params.solver, 2, params.shift).timesteps.tolist()
-    return params.with_(steps=2, boundary=(ts[0] + ts[1]) / 2000)
+    return params.with_(steps=2, boundary=(ts[0] + ts[1]) / 2000)  # (a one-DiT model ignores it)
 
 
 class Bench:
@@ -335,7 +335,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])  # fmt: skip
     p.set_defaults(func=bench_main)
     add = p.add_argument
-    add("--model", choices=["t2v-A14B", "tiny"], default="t2v-A14B", help="tiny: a CPU-sized test model")
+    add("--model", choices=list(SPECS), default="t2v-A14B", help="the model whose dimensions are timed (tiny*: CPU-sized test models)")
     add("--sizes", type=_sizes, help="WxH,... (default: 832x480,1280x720 for A14B, 64x48 for tiny)")
     add("--frames", type=int, help="frames, 4n+1 (default: the preset's, 81)")
     add("--what", type=_names(WHATS), default=list(WHATS), help=f"any of {','.join(WHATS)} (default: all)")

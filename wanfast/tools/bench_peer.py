@@ -117,6 +117,9 @@ class Inputs:
     ctx: torch.Tensor  # [L, text_dim] prompt states
     ctx_null: torch.Tensor  # [L', text_dim] negative-prompt states
     z: torch.Tensor  # [1, C, F', H/8, W/8] normalised latents for the VAE decode
+    # TI2V (first-frame conditioning): the per-token timestep [1, L] of image mode (first frame's tokens at
+    # 0), which both implementations get in their own form (wanfast factored, Diffusers dense); else None
+    t_tokens: torch.Tensor | None = None
 
 
 def make_inputs(
@@ -131,7 +134,13 @@ def make_inputs(
 
     x = torch.randn(shape, generator=g, device=device)
     t = torch.full((1,), 999.0, device=device)
-    return Inputs(x, t, states(24), states(128), torch.randn(shape, generator=g, device=device))
+    t_tokens = None
+    if preset.conditioning == "first_frame":
+        p = preset.dit.patch_size
+        per_frame = (shape[3] // p[1]) * (shape[4] // p[2])
+        t_tokens = torch.full((1, shape[2] // p[0] * per_frame), 999.0, device=device)
+        t_tokens[:, :per_frame] = 0.0
+    return Inputs(x, t, states(24), states(128), torch.randn(shape, generator=g, device=device), t_tokens)
 
 
 class _Side:
@@ -155,13 +164,19 @@ class WanfastSide(_Side):
         return _accel().optimize_dit(dit, settings)
 
     def forward(self, dit, inp: Inputs) -> Callable[[], object]:
-        return lambda: dit(inp.x, inp.t, [inp.ctx])
+        t = inp.t
+        if inp.t_tokens is not None:  # image mode, as the pipeline passes it: factored, no host sync
+            from wanfast.models.dit import first_frame_timesteps
+
+            p = self.preset.dit.patch_size
+            t = first_frame_timesteps(inp.t, tuple(n // q for n, q in zip(inp.x.shape[2:], p, strict=True)))
+        return lambda: dit(inp.x, t, [inp.ctx])
 
     def steps(self, dit, inp: Inputs, params: SamplingParams) -> Loop:
         """The pipeline's own denoising loop with one expert in both roles (the experts are the same size)."""
 
         def loop(n: int, on_step: Callable[[], None]) -> None:
-            denoise({"high_noise": dit, "low_noise": dit}, inp.x[0], [inp.ctx], [inp.ctx_null],
+            denoise(dict.fromkeys(self.preset.experts, dit), inp.x[0], [inp.ctx], [inp.ctx_null],
                     params.with_(steps=n), progress=lambda *_: on_step())  # fmt: skip
 
         return loop
@@ -255,10 +270,18 @@ def random_vae(preset: ModelSpec, device: torch.device, dtype: torch.dtype, seed
 
     with torch.device(device):
         vae = AutoencoderKLWan.from_config(
-            _init_kwargs(AutoencoderKLWan, vae_keys.diffusers_config_json(preset.vae))
+            _init_kwargs(AutoencoderKLWan, _vae_keys(preset).diffusers_config_json(preset.vae))
         )
     randomize_(vae, seed)
     return _cast_like_from_pretrained(vae, dtype)
+
+
+def _vae_keys(spec: ModelSpec):
+    if getattr(spec.vae, "kind", "wan2.1") == "wan2.2":
+        from wanfast.loading import vae22_keys
+
+        return vae22_keys
+    return vae_keys
 
 
 def make_pipeline(preset: ModelSpec, text_encoder=None, transformer=None, transformer_2=None, vae=None):
@@ -274,6 +297,7 @@ def make_pipeline(preset: ModelSpec, text_encoder=None, transformer=None, transf
         text_encoder=None if text_encoder is None else text_encoder.model,
         vae=vae, scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
         boundary_ratio=preset.defaults.boundary if transformer_2 is not None else None,
+        expand_timesteps=preset.conditioning == "first_frame",  # Wan2.2 TI2V: per-token timesteps
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -299,7 +323,8 @@ class DiffusersSide(_Side):
 
     def forward(self, model: nn.Module, inp: Inputs) -> Callable[[], object]:
         x, ctx = inp.x.to(self.dtype), pad_text(inp.ctx, self.text_len)
-        return lambda: model(hidden_states=x, timestep=inp.t, encoder_hidden_states=ctx, return_dict=False)[0]
+        t = inp.t if inp.t_tokens is None else inp.t_tokens  # TI2V: [1, L], as its pipeline passes it
+        return lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
 
     def steps(self, model: nn.Module, inp: Inputs, params: SamplingParams) -> Loop:
         """Diffusers' own denoising loop (both guidance passes, CFG, UniPC step) on one expert, no VAE."""
@@ -341,7 +366,8 @@ class DiffusersSide(_Side):
         return make_pipeline(
             self.preset, text_encoder=te,
             transformer=random_transformer(self.preset, self.device, self.dtype, self.seed + 1),
-            transformer_2=random_transformer(self.preset, self.device, self.dtype, self.seed + 2),
+            transformer_2=(random_transformer(self.preset, self.device, self.dtype, self.seed + 2)
+                           if self.preset.two_experts else None),
             vae=random_vae(self.preset, self.device, self.vae_dtype, self.seed + 4),
         )  # fmt: skip
 
@@ -363,7 +389,8 @@ class DiffusersSide(_Side):
 
             return wrapper
 
-        pipe.register_to_config(boundary_ratio=params.boundary)
+        if self.preset.two_experts:
+            pipe.register_to_config(boundary_ratio=params.boundary)
         pipe.encode_prompt = timed("text_encoding", pipe.encode_prompt)
         pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
         clock.reset_peak()
@@ -372,7 +399,8 @@ class DiffusersSide(_Side):
             pipe(
                 prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,
                 width=params.width, num_frames=params.frames, num_inference_steps=params.steps,
-                guidance_scale=params.guidance_high_noise, guidance_scale_2=params.guidance_low_noise,
+                guidance_scale=params.guidance_high_noise,
+                guidance_scale_2=params.guidance_low_noise if self.preset.two_experts else None,
                 generator=torch.Generator(self.device).manual_seed(params.seed), output_type="np",
                 max_sequence_length=self.text_len,
                 callback_on_step_end=lambda *_: stamps.append(clock.now()) or {},

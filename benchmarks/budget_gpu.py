@@ -1,0 +1,82 @@
+"""A model under ``--memory-budget GIB`` vs resident: the mode the plan picks and the guided step time in each.
+
+    python3 benchmarks/budget_gpu.py --model ti2v-5B --size 1280x704 --frames 121 --budget 24 --json OUT.json
+
+Random weights at the spec's real dimensions (``tools.synthetic``), made ready by the builder with the
+default engine settings (compile, FA3 where installed); the budget's mode comes from ``memory.plan_memory``
+and is enforced with ``memory.enforce_memory_budget``. A guided step is one solver step of the pipeline's
+own loop (two DiT forwards), timed after two warm-up steps; the median of ``--steps`` steps is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from wanfast.config import EngineSettings
+from wanfast.memory import enforce_memory_budget, plan_memory
+from wanfast.pipeline import denoise
+from wanfast.specs import SPECS, parse_size, resolve_params
+from wanfast.tools.synthetic import random_pipeline
+
+
+def step_times(spec, settings: EngineSettings, params, steps: int) -> dict:
+    pipe = random_pipeline(spec, settings.device, settings.dtype, torch.float32, settings=settings)
+    g = torch.Generator(settings.device).manual_seed(0)
+    x = torch.randn(params.latent_shape(spec.vae), generator=g, device=settings.device)
+    ctx = [0.1 * torch.randn(24, spec.dit.text_dim, generator=g, device=settings.device).to(settings.dtype)]
+    null = [0.1 * torch.randn(120, spec.dit.text_dim, generator=g, device=settings.device).to(settings.dtype)]
+    stamps: list[float] = []
+
+    def tick(*_):
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        denoise(pipe.experts, x, ctx, null, params.with_(steps=steps + 2), progress=tick)
+    times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)][2:]
+    out = {"offload": settings.offload, "step_s": statistics.median(times), "times_s": times,
+           "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+    del pipe
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="ti2v-5B", choices=list(SPECS))
+    ap.add_argument("--size", default=None)
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--budget", type=float, default=24.0)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    spec = SPECS[args.model]
+    params = resolve_params(spec, "a fox", size=parse_size(args.size) if args.size else None, frames=args.frames)
+    base = EngineSettings(device="cuda").resolved()
+    resident = step_times(spec, base, params, args.steps)
+    planned, why = plan_memory(replace(base, memory_budget_gb=args.budget), spec,
+                               [(params.width, params.height, params.frames)])  # fmt: skip
+    print(why, flush=True)
+    enforce_memory_budget(planned)
+    budget = step_times(spec, planned, params, args.steps)
+    result = {"model": spec.name, "size": f"{params.width}x{params.height}", "frames": params.frames,
+              "budget_gib": args.budget, "plan": why, "resident": resident, "budget": budget,
+              "ratio": budget["step_s"] / resident["step_s"], "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__}  # fmt: skip
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
