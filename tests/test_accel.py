@@ -27,11 +27,11 @@ from wanfast.accel.caches import CrossKVCache, RopeCache, TimeEmbedCache, caches
 from wanfast.accel.compile import is_compiled
 from wanfast.accel.fuse import FusedCrossAttention, FusedSelfAttention
 from wanfast.accel.graphs import CUDAGraphDiT
-from wanfast.config import EngineSettings, SamplingParams
+from wanfast.config import EngineSettings
 from wanfast.models import dit as dit_module
 from wanfast.models.dit import Attention, WanDiT, rope_freqs
 from wanfast.pipeline import denoise
-from wanfast.specs import SPECS
+from wanfast.specs import SPECS, resolve_params
 
 CFG = SPECS["tiny"].dit  # dim 64, 4 heads, 2 layers, text_dim 32, text_len 32
 TOL = 1e-5
@@ -207,7 +207,7 @@ def test_rope_cache_hit(plain):
 
 
 def run_denoise(experts, seed: int = 0, steps: int = 4):
-    params = SamplingParams(prompt="x", steps=steps, shift=5.0, boundary=0.9,
+    params = resolve_params(SPECS["tiny"], "x", steps=steps, shift=5.0, boundary=0.9,
                             guidance_high_noise=4.0, guidance_low_noise=3.0)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(16, 3, 6, 8, generator=g)

@@ -82,8 +82,16 @@ def test_compare_gives_one_entry_per_engine(with_peer):
         assert engines == ["eager", "default", "diffusers"], (what, engines)
     eager, default = report["engines"][0]["settings"], report["engines"][1]["settings"]
     assert not any(
-        eager[k] for k in ("fuse_projections", "cache_cross_kv", "cache_rope", "compile", "cuda_graphs")
-    )
+        eager[k]
+        for k in (
+            "fuse_projections",
+            "cache_cross_kv",
+            "cache_rope",
+            "compile",
+            "cuda_graphs",
+            "optimize_vae",
+        )
+    )  # plain(): the VAE decode rewrite is off in the eager reference too
     assert default == {
         **eager,
         "fuse_projections": True,
@@ -91,6 +99,7 @@ def test_compare_gives_one_entry_per_engine(with_peer):
         "cache_rope": True,
         "compile": None,
         "fp8_row_kernels": True,
+        "optimize_vae": True,
     }
     assert [r["vs_first"] for r in rows(report, engine="eager", impl="wanfast")] == [1.0] * len(
         rows(report, engine="eager")
