@@ -3,8 +3,8 @@
     python benchmarks/modes_gpu.py --out modes.json --commit abc1234 [--parts budget24,lightning,budget48]
         [--deadline 540]
 
-- ``budget24`` / ``budget48``: the memory mode the budget picks (``wanfast.api.plan_memory``: the
-  fastest that fits), the budget enforced with ``wanfast.api.enforce_memory_budget`` before the
+- ``budget24`` / ``budget48``: the memory mode the budget picks (``wanfast.memory.plan_memory``: the
+  fastest that fits), the budget enforced with ``wanfast.memory.enforce_memory_budget`` before the
   first request, then a 3-step generation whose boundary falls after step 2: step 1 (high-noise expert,
   compiles), step 2 (high-noise, warm), step 3 (low-noise, warm; in expert mode after the swap). The warm
   step times against the resident step measured in the 40-step run (20.107 s median, commit d12bf05,
@@ -93,10 +93,13 @@ def host_memory_gib() -> dict:
 
 
 def budget_part(preset, budget_gib: float, device: str) -> dict:
-    from wanfast.api import enforce_memory_budget, plan_memory
+    from wanfast.memory import enforce_memory_budget, plan_memory
 
     size, frames = SIZE[preset.name]
-    base = EngineSettings(device=device, text_encoder_device="cpu", memory_budget_gb=budget_gib)
+    base = EngineSettings(
+        device=device, dtype=DTYPE[device], vae_dtype=DTYPE[device], text_encoder_device="cpu",
+        memory_budget_gb=budget_gib,
+    ).resolved()  # plan_memory takes resolved settings (builder.plan resolves them first)  # fmt: skip
     settings, reason = plan_memory(base, preset, [(*size, frames)])  # the fastest mode whose estimate fits
     mode = settings.offload
     t0 = time.perf_counter()
@@ -141,7 +144,7 @@ def lightning_part(preset, device: str) -> dict:
         preset, device, DTYPE[device], DTYPE[device], settings=EngineSettings(device=device)
     )
     (w, h), frames = SIZE[preset.name]
-    params = pipe.params(PROMPT, size=(w, h), frames=frames, **sampling_overrides("lightning-4step"))
+    params = pipe.params(PROMPT, size=(w, h), frames=frames, **sampling_overrides("lightning-4step", preset))
     cold = timed_run(pipe, params)
     warm = timed_run(pipe, params)
     del pipe

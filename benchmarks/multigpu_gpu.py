@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from wanfast.config import EngineSettings
-from wanfast.parallel import init_distributed, parallel_settings, parallelize, wanted
+from wanfast.parallel import init_distributed, parallel_settings, wanted
 from wanfast.parallel.dist import check_split
 from wanfast.pipeline import guided_prediction
 from wanfast.solvers import make_solver
@@ -122,9 +122,7 @@ def main() -> None:
     )
     settings = parallel_settings(base) if wanted(base) else base
     t0 = time.perf_counter()
-    pipe = random_pipeline(preset, str(device), dtype, dtype, settings=settings)
-    if wanted(settings):
-        parallelize(pipe)
+    pipe = random_pipeline(preset, str(device), dtype, dtype, settings=settings)  # split by builder.assemble
     res = {"split": args.split, "world": world, "cfg_parallel": cfg_parallel, "ulysses": ulysses,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d"),
