@@ -194,9 +194,36 @@ VARIANTS = [
 ]
 
 
+def write_header_only_dit(folder, cfg: DiTConfig) -> None:
+    """An official expert folder as the loaders see it before reading weights: its config.json and a
+    safetensors file whose header holds ``text_embedding.0.weight`` [dim, text_dim] (bf16 zeros, written
+    sparse: the A14B table would be 40 MiB)."""
+    import json
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dit_keys.official_config_json(cfg)))
+    nbytes = cfg.dim * cfg.text_dim * 2
+    entry = {"dtype": "BF16", "shape": [cfg.dim, cfg.text_dim], "data_offsets": [0, nbytes]}
+    header = json.dumps({"text_embedding.0.weight": entry}).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
+    with open(folder / "diffusion_pytorch_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + nbytes)
+
+
 @pytest.mark.parametrize("cfg", VARIANTS)
-def test_config_round_trips(cfg):
-    assert dit_keys.config_from_official_json(dit_keys.official_config_json(cfg)) == cfg
+def test_config_round_trips(cfg, tmp_path):
+    from wanfast.loading.layout import dit_config
+
+    # The official config.json records no text width (as the published files): the JSON alone gives
+    # every other field back, and the WanModel default (4096) for the text width ...
+    from_json = dit_keys.config_from_official_json(dit_keys.official_config_json(cfg))
+    assert "text_dim" not in dit_keys.official_config_json(cfg)
+    assert replace(from_json, text_dim=cfg.text_dim) == cfg and from_json.text_dim == 4096
+    # ... and the loaders' reader takes it from text_embedding.0.weight's shape: the whole config back
+    write_header_only_dit(tmp_path / "dit", cfg)
+    assert dit_config(tmp_path / "dit") == (cfg, "official")
     assert dit_keys.config_from_diffusers_json(dit_keys.diffusers_config_json(cfg)) == cfg
 
 
@@ -219,8 +246,12 @@ def test_config_files_look_real():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="model_type"):
-        dit_keys.config_from_official_json({**dit_keys.official_config_json(CFG), "model_type": "i2v"})
+    with pytest.raises(ConfigError, match="model_type"):  # Wan2.2-S2V: not a supported family
+        dit_keys.config_from_official_json({**dit_keys.official_config_json(CFG), "model_type": "s2v"})
+    for supported in ("t2v", "ti2v", "i2v"):  # the three families the specs cover
+        assert dit_keys.config_from_official_json(dit_keys.official_config_json(CFG, supported)) == replace(
+            CFG, text_dim=4096
+        )
     with pytest.raises(ConfigError, match="num_heads"):
         dit_keys.config_from_official_json({"dim": 64, "ffn_dim": 128, "num_layers": 2})
     with pytest.raises(ConfigError, match="I2V"):
