@@ -25,7 +25,7 @@ from wanfast.accel.fp8 import (
 )
 from wanfast.accel.fp8_checkpoint import MARKER, is_fp8_checkpoint, load_fp8_transformer
 from wanfast.accel.fuse import fuse_projections
-from wanfast.config import EngineSettings
+from wanfast.config import ConfigError, EngineSettings
 from wanfast.loading.layout import load_transformer
 from wanfast.models.dit import WanDiT
 from wanfast.specs import SPECS
@@ -157,18 +157,29 @@ def test_quantize_checkpoint_roundtrip(tiny_official, tmp_path):
     assert set(fp8_modules(loaded)) == set(fp8_modules(mem))
     assert not fp8_modules(optimize_dit(load_transformer(tiny_official / "high_noise_model", "cpu"),
                                         replace(CPU, dtype=torch.bfloat16)))  # fmt: skip
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConfigError, match="exists and is not an empty folder"):  # never overwritten
         quantize_checkpoint(tiny_official, dst)
 
 
-@pytest.mark.skipif(
-    "fp8_checkpoint" not in open(__import__("wanfast.loading.layout").loading.layout.__file__).read(),
-    reason="hook missing: load_transformer does not dispatch FP8 folders to fp8_checkpoint yet",
-)
-def test_load_transformer_dispatches_fp8(tiny_official, tmp_path):
+def test_the_builder_dispatches_fp8_folders(tiny_official, tmp_path):
+    """An FP8 folder loads through the builder (``_load_dit``: ``load_fp8_transformer``), already fused and
+    quantised; the plain loader refuses it, pointing there, rather than loading it wrong."""
+    from wanfast import builder
+
     quantize_checkpoint(tiny_official, tmp_path / "fp8")
-    dit = load_transformer(tmp_path / "fp8" / "low_noise_model", "cpu", torch.bfloat16)
-    assert fp8_modules(dit) and optimize_dit(dit, replace(CPU, dtype=torch.bfloat16)) is dit
+    expert = tmp_path / "fp8" / "low_noise_model"
+    with pytest.raises(ConfigError, match="FP8 checkpoint: load it with wanfast.load_pipeline"):
+        load_transformer(expert, "cpu", torch.bfloat16)
+    bf16 = replace(CPU, dtype=torch.bfloat16)
+    dit = builder._load_dit(expert, "cpu", bf16)
+    assert fp8_modules(dit) and optimize_dit(dit, bf16) is dit
+    x, t, ctx = dit_inputs()
+    assert torch.equal(dit(x, t, ctx), load_fp8_transformer(expert, "cpu", torch.bfloat16)(x, t, ctx))
+    # the whole build: the plan knows the checkpoint is FP8, and both experts come out quantised
+    planned = builder.plan(tmp_path / "fp8", bf16)
+    assert planned.fp8_checkpoint and not builder.plan(tiny_official, bf16).fp8_checkpoint
+    pipe = builder.build(planned)
+    assert all(set(fp8_modules(d)) == set(fp8_modules(dit)) for d in pipe.experts.values())
 
 
 def test_quantize_diffusers_layout_matches_official(tiny_official, tiny_diffusers, tmp_path):
