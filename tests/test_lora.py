@@ -225,6 +225,11 @@ def test_lightning_preset_overrides():
         5.0,
         0.875,
     )
-    assert SAMPLING_PRESETS["lightning-4step"].steps == 4
+    assert SAMPLING_PRESETS["lightning-4step"]["text"].steps == 4  # per conditioning: the T2V LoRAs
+    assert sampling_overrides("lightning-4step", SPECS["t2v-A14B"]) == over  # the default model is T2V-A14B
+    assert resolve_params(SPECS["t2v-A14B"], "a cat", sampling_preset="lightning-4step") == p
     with pytest.raises(ConfigError, match="unknown sampling preset"):
         sampling_overrides("nope")
+    for other in ("ti2v-5B", "i2v-A14B"):  # distilled for T2V-A14B only
+        with pytest.raises(ConfigError, match="is not for"):
+            sampling_overrides("lightning-4step", SPECS[other])
