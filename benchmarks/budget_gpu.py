@@ -1,6 +1,6 @@
 """A model under ``--memory-budget GIB`` vs resident: the mode the plan picks and the guided step time in each.
 
-    python3 benchmarks/budget_gpu.py --model ti2v-5B --size 1280x704 --frames 121 --budget 24 --json OUT.json
+    python3 benchmarks/budget_gpu.py --model ti2v-5B --size 1280x704 --frames 121 --budget 24 --t5-cpu --json OUT.json
 
 Random weights at the spec's real dimensions (``tools.synthetic``), made ready by the builder with the
 default engine settings (compile, FA3 where installed); the budget's mode comes from ``memory.plan_memory``
@@ -57,11 +57,12 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--budget", type=float, default=24.0)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--t5-cpu", action="store_true", help="the text encoder on the CPU (in both runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     spec = SPECS[args.model]
     params = resolve_params(spec, "a fox", size=parse_size(args.size) if args.size else None, frames=args.frames)
-    base = EngineSettings(device="cuda").resolved()
+    base = EngineSettings(device="cuda", text_encoder_device="cpu" if args.t5_cpu else None).resolved()
     resident = step_times(spec, base, params, args.steps)
     planned, why = plan_memory(replace(base, memory_budget_gb=args.budget), spec,
                                [(params.width, params.height, params.frames)])  # fmt: skip
@@ -69,7 +70,7 @@ def main() -> None:
     enforce_memory_budget(planned)
     budget = step_times(spec, planned, params, args.steps)
     result = {"model": spec.name, "size": f"{params.width}x{params.height}", "frames": params.frames,
-              "budget_gib": args.budget, "plan": why, "resident": resident, "budget": budget,
+              "budget_gib": args.budget, "text_encoder": base.text_encoder_device or "cuda", "plan": why, "resident": resident, "budget": budget,
               "ratio": budget["step_s"] / resident["step_s"], "device": torch.cuda.get_device_name(),
               "torch": torch.__version__}  # fmt: skip
     print(json.dumps(result, indent=1))

@@ -23,7 +23,7 @@ run)
         --json $d/fwdvae.json --png $d/fwdvae.png || echo "fwdvae failed"
     "${b[@]}" --model ti2v-5B --sizes 1280x704 --frames 121 --what generate --steps 50 --gen-repeats 1 \
         --composed-steps 50 --json $d/gen.json --png $d/gen.png || echo "gen failed"
-    python3 benchmarks/budget_gpu.py --model ti2v-5B --size 1280x704 --frames 121 --budget 24 \
+    python3 benchmarks/budget_gpu.py --model ti2v-5B --size 1280x704 --frames 121 --budget 24 --t5-cpu \
         --json $d/budget.json || echo "budget failed"
     python3 -m wanfast bench --model t2v-A14B --sizes 1280x720 --frames 81 --what forward --compare default \
         --peer none --repeats 3 --warmup 1 --json $d/t2v.json --png $d/t2v.png || echo "t2v failed"
