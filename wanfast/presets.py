@@ -44,6 +44,16 @@ SAMPLING_PRESETS: dict[str, dict[str, SamplingPreset]] = {  # name -> {model fam
             boundary=0.875,  # wan_t2v_A14B.py: boundary = 0.875 (as the base model)
             description="Wan2.2-Lightning T2V-A14B 4-step LoRAs (lightx2v), one per expert",
         ),
+        "concat": SamplingPreset(
+            name="lightning-4step",
+            steps=4,  # Wan2.2-Lightning wan/configs/wan_i2v_A14B.py: sample_steps = 4
+            guidance_high_noise=1.0,  # wan_i2v_A14B.py: sample_guide_scale = (1.0, 1.0)
+            guidance_low_noise=1.0,
+            solver="euler",  # the Euler branch its image2video.py runs with these LoRAs, as for T2V
+            shift=5.0,  # wan_i2v_A14B.py: sample_shift = 5.0 (as the base I2V-A14B)
+            boundary=0.900,  # wan_i2v_A14B.py: boundary = 0.900 (as the base I2V-A14B)
+            description="Wan2.2-Lightning I2V-A14B 4-step LoRAs (lightx2v), one per expert",
+        ),
     },
 }
 

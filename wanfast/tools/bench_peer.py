@@ -127,12 +127,14 @@ def make_inputs(
 ) -> Inputs:
     g = torch.Generator(device).manual_seed(params.seed)
     shape = (1, *params.latent_shape(preset.vae))
+    # the DiT's input: I2V concatenates mask and image latents to the noise (in_dim 36 for 16 latents)
+    x_shape = (1, preset.dit.in_dim, *shape[2:])
     n, d = preset.dit.text_len, preset.dit.text_dim
 
     def states(length: int) -> torch.Tensor:  # real prompts are ~20 tokens, the negative one ~120
         return (0.1 * torch.randn(min(length, n), d, generator=g, device=device)).to(dtype)
 
-    x = torch.randn(shape, generator=g, device=device)
+    x = torch.randn(x_shape, generator=g, device=device)
     t = torch.full((1,), 999.0, device=device)
     t_tokens = None
     if preset.conditioning == "first_frame":
@@ -205,7 +207,14 @@ class WanfastSide(_Side):
 
     def generate(self, pipe, params: SamplingParams, clock: Clock) -> dict:
         stamps: list[float] = []
-        res = pipe.run(params, progress=lambda *_: stamps.append(clock.now()))
+        image = None
+        if self.preset.image == "required":  # I2V: a random image of the output size (its content is not timed)
+            import numpy as np
+            from PIL import Image
+
+            rng = np.random.default_rng(self.seed)
+            image = Image.fromarray(rng.integers(0, 256, (params.height, params.width, 3), dtype=np.uint8))
+        res = pipe.run(params, progress=lambda *_: stamps.append(clock.now()), image=image)
         t = res.timings
         between = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
         steps = [t["denoise"] - sum(between), *between]  # no stamp before step 1: the rest of the stage
