@@ -35,11 +35,12 @@ from wanfast.accel.caches import TimeEmbedCache, caches_of
 from wanfast.accel.graphs import CUDAGraphDiT
 from wanfast.accel.offload import Offload, OffloadedExpert
 from wanfast.accel.stepcache import StepCache, installed
-from wanfast.config import PRESETS, EngineSettings
+from wanfast.config import EngineSettings
 from wanfast.models import dit as dit_module
 from wanfast.models.dit import PerToken, WanDiT, factor_timesteps, first_frame_timesteps
+from wanfast.specs import SPECS
 
-CFG = replace(PRESETS["tiny"].dit, in_dim=12, out_dim=12)  # dim 64, 4 heads, 2 layers, text_dim 32
+CFG = replace(SPECS["tiny"].dit, in_dim=12, out_dim=12)  # dim 64, 4 heads, 2 layers, text_dim 32
 COMPILE_BACKEND = os.environ.get("WANFAST_TEST_COMPILE_BACKEND", "aot_eager")  # as tests/test_accel.py
 ALL = EngineSettings(device="cpu", dtype=torch.float32, compile=True)  # every lossless switch but graphs
 
