@@ -21,11 +21,12 @@ import torch.multiprocessing as mp
 from helpers import rel_err
 
 from wanfast.accel.vae import FastWan22VAE, VAEDecodeOptions, optimize_vae
-from wanfast.config import PRESETS, ConfigError, EngineSettings, VAE22Config, VAEConfig
+from wanfast.config import ConfigError, EngineSettings, VAE22Config, VAEConfig
 from wanfast.loading import vae22_keys, vae_keys
 from wanfast.models.vae22 import Wan22VAE, patchify, unpatchify
 from wanfast.parallel.vae import parallel_decode
-from wanfast.testing import vae_state_dict
+from wanfast.specs import SPECS
+from wanfast.tools.testing import vae_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKLWan = diffusers.AutoencoderKLWan
@@ -204,7 +205,7 @@ def test_detection_and_config_errors():
     cfg = CONFIGS["nrb1"]
     with torch.device("meta"):
         sd = Wan22VAE(cfg).state_dict()
-    wan21 = vae_state_dict(PRESETS["tiny"], 0)
+    wan21 = vae_state_dict(SPECS["tiny"], 0)
     assert vae22_keys.is_wan22_state_dict(sd)
     assert vae22_keys.is_wan22_state_dict(vae22_keys.official_to_diffusers(sd))
     assert not vae22_keys.is_wan22_state_dict(wan21)
