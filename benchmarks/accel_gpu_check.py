@@ -41,9 +41,9 @@ from wanfast.accel.caches import cache_cross_kv, cache_rope, cache_time_embeddin
 from wanfast.accel.compile import compile_blocks
 from wanfast.accel.fuse import fuse_projections
 from wanfast.accel.graphs import CUDAGraphDiT
-from wanfast.config import EngineSettings, SamplingParams
+from wanfast.config import EngineSettings
 from wanfast.pipeline import denoise
-from wanfast.specs import SPECS
+from wanfast.specs import SPECS, resolve_params
 from wanfast.tools.synthetic import random_dit
 
 BF16, DEV = torch.bfloat16, "cuda"
@@ -161,7 +161,9 @@ def tiny_section() -> dict:
 
 def tiny_denoise() -> dict:
     preset = SPECS["tiny"]
-    params = SamplingParams(prompt="x", steps=4, shift=5.0, boundary=0.9)
+    params = resolve_params(
+        preset, "x", steps=4, shift=5.0, boundary=0.9, guidance_high_noise=4.0, guidance_low_noise=3.0
+    )
     x, cond, uncond = make_inputs(preset.dit, TINY_LATENT, seed=3)
     plain = {n: build(preset, s) for n, s in (("high_noise", 1), ("low_noise", 2))}
 
