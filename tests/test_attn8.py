@@ -144,7 +144,7 @@ def test_triton_kernel_in_the_cpu_interpreter_matches_the_reference():
 def test_every_variant_compiles_for_hopper_with_wgmma(qk, pv):
     import inspect
 
-    import triton
+    triton = pytest.importorskip("triton", reason="the test extra installs triton on Linux x86-64")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -76,6 +76,7 @@ def test_latents_mode_and_cli(tmp_path):
     assert res["psnr_per_frame_db"][1] == pytest.approx(10 * math.log10(peak**2 / mse1), abs=1e-6)
     assert math.isinf(res["psnr_per_frame_db"][0])
 
+    pytest.importorskip("matplotlib", reason="--png plots with matplotlib (the bench and test extras)")
     parser = argparse.ArgumentParser()
     compare.register(parser.add_subparsers())
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
@@ -88,6 +89,7 @@ def test_latents_mode_and_cli(tmp_path):
 
 
 def test_mp4_files_and_png(tmp_path):
+    matplotlib_image = pytest.importorskip("matplotlib.image", reason="the plot needs matplotlib")
     a = smooth_video(frames=4, h=64, w=96)
     noisy = (a.astype(np.int16) + np.random.default_rng(1).integers(-6, 7, a.shape)).clip(0, 255)
     write_mp4(a, tmp_path / "a.mp4", crf=0)
@@ -96,9 +98,7 @@ def test_mp4_files_and_png(tmp_path):
     assert res["kind"] == "video" and res["frames"] == 4
     assert 20 < res["psnr_db"] < 60 and 0 < res["ssim"] < 1
     png = compare.plot(res, tmp_path / "plot.png")
-    import matplotlib.image
-
-    img = matplotlib.image.imread(png)
+    img = matplotlib_image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100
     with pytest.raises(ValueError, match="two videos"):
         compare.compare_files(tmp_path / "a.mp4", tmp_path / "x.safetensors")

@@ -37,7 +37,7 @@ def random_model(cfg: DiTConfig = CFG, seed: int = 0) -> WanDiT:
 
 @pytest.fixture(scope="module")
 def models():
-    from diffusers import WanTransformer3DModel
+    WanTransformer3DModel = pytest.importorskip("diffusers").WanTransformer3DModel  # the oracle
 
     ours = random_model()
     ref = WanTransformer3DModel.from_config(dit_keys.diffusers_config_json(CFG)).eval()
@@ -135,7 +135,7 @@ def test_rope_table():
 
 
 def test_key_map_round_trip_and_coverage():
-    from diffusers import WanTransformer3DModel
+    WanTransformer3DModel = pytest.importorskip("diffusers").WanTransformer3DModel  # the oracle
 
     sd = random_model().state_dict()
     diff = dit_keys.official_to_diffusers(sd)

@@ -83,7 +83,7 @@ def plain():
 
 @pytest.fixture(scope="module")
 def diffusers_model(plain):
-    from diffusers import WanTransformer3DModel
+    WanTransformer3DModel = pytest.importorskip("diffusers").WanTransformer3DModel  # the oracle
 
     from wanfast.loading import dit_keys
 
