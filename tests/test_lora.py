@@ -230,6 +230,8 @@ def test_lightning_preset_overrides():
     assert resolve_params(SPECS["t2v-A14B"], "a cat", sampling_preset="lightning-4step") == p
     with pytest.raises(ConfigError, match="unknown sampling preset"):
         sampling_overrides("nope")
-    for other in ("ti2v-5B", "i2v-A14B"):  # distilled for T2V-A14B only
-        with pytest.raises(ConfigError, match="is not for"):
-            sampling_overrides("lightning-4step", SPECS[other])
+    # I2V-A14B: the Lightning I2V LoRAs' values (boundary 0.900, as the base I2V model)
+    i2v = sampling_overrides("lightning-4step", SPECS["i2v-A14B"])
+    assert i2v == {**over, "boundary": 0.900}
+    with pytest.raises(ConfigError, match="is not for"):  # no Lightning LoRAs for the one-DiT TI2V-5B
+        sampling_overrides("lightning-4step", SPECS["ti2v-5B"])
