@@ -10,7 +10,7 @@ case "$1" in
 start)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export WANFAST_COMMIT=$2
-    bash benchmarks/detached.sh start i2v -- bash benchmarks/i2v_gpu.sh run
+    bash benchmarks/detached.sh start i2v -- bash benchmarks/i2v_gpu.sh "${3:-run}"
     ;;
 run)
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -24,5 +24,14 @@ run)
         --json $d/fwd_fp8.json || echo "fwd_fp8 failed"
     "${b[@]}" --what generate --sampling-preset lightning-4step --compare default --peer none --gen-repeats 1 \
         --composed-steps 4 --json $d/turbo.json || echo "turbo failed"
+    ;;
+run2)  # the budget run (each side its own process) and the 4-step preset with the FP8 fast mode
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    d=/tmp/wf/i2v
+    python3 benchmarks/budget_gpu.py --model ti2v-5B --size 1280x704 --frames 121 --budget 24 --t5-cpu \
+        --json $d/budget.json || echo "budget failed"
+    python3 -m wanfast bench --model i2v-A14B --sizes 1280x720 --frames 81 --warmup 1 --what generate \
+        --sampling-preset lightning-4step --compare default --peer none --gen-repeats 1 --composed-steps 4 \
+        --quant fp8 --self-attention fa3-fp8 --json $d/turbo_fp8.json || echo "turbo_fp8 failed"
     ;;
 esac
