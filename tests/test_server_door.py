@@ -1,6 +1,7 @@
 """What the door refuses and what the store guarantees, without processes: strict request types, cost
 limits, host names, what responses may show, the start-up checks of the job database, the fsync before
-success, a cancellation after the last step, the pool's slot plan. In-process app (TestClient), no worker."""
+success, a cancellation after the last step, the pool's slot plan. In-process app (TestClient), no worker;
+one ``serve`` start that refuses a corrupt database."""
 
 from __future__ import annotations
 
@@ -195,3 +196,14 @@ def test_slot_plans():
         "cfg_parallel": False,
         "ulysses": 3,
     }
+
+
+def test_serve_refuses_a_corrupt_database_with_the_way_out(tmp_path):
+    """The whole command, as a user meets it: one line naming the file and what to do, exit code 2."""
+    from wanfast.server.testing import ServerProcess
+
+    (tmp_path / "jobs.db").write_bytes(b"\x00garbage" * 512)
+    code, output = ServerProcess(tmp_path).run_to_exit()
+    assert code == 2 and "Traceback" not in output, output
+    assert f"wanfast: error: {tmp_path / 'jobs.db'} is not a readable job database" in output
+    assert "move it aside (with any jobs.db-wal and jobs.db-shm beside it)" in output

@@ -154,3 +154,44 @@ def test_store_unwritable_when_a_worker_dies(split):
         assert again["note"].startswith("re-queued: worker w0 rank 1 exited with code -9 at step "), again
         assert c.delete(f"/v1/videos/{job['id']}").json()["cancel_requested"]
         assert wait_final(c, job["id"])["state"] == "cancelled"
+
+
+def test_generate_prompts_file_on_two_workers_equals_one_process(tmp_path):
+    """`generate --prompts-file --workers 2`: every line's video equals the one-process run of that line.
+    Exact: the same code (WanPipeline.run, write_mp4) on the same device with the same thread count
+    (the reference runs with the pool's per-process share), so the same float operations in the same order."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from wanfast.api import tiny_pipeline
+    from wanfast.config import SamplingParams
+    from wanfast.video import read_mp4, write_mp4
+
+    lines = [{"prompt": "a fox", "seed": 1, "frames": 5, "steps": 2},
+             {"prompt": "a cat", "seed": 2, "size": "32x32", "steps": 2, "fps": 8},
+             {"prompt": "a dog", "seed": 3, "frames": 1, "steps": 3, "output": str(tmp_path / "dog.mp4")}]  # fmt: skip
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    cmd = [sys.executable, "-m", "wanfast", "generate", "--model", "tiny", "--device", "cpu", "--workers", "2",
+           "--prompts-file", str(prompts), "--output", str(tmp_path / "out.mp4")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 prompts on 2 workers" in proc.stderr and "total: 3 prompts, 3 done, 0 failed" in proc.stdout
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // 2))  # the pool's share per worker
+    try:
+        pipe = tiny_pipeline("cpu", workdir=tmp_path / "tiny")
+        for i, (line, out) in enumerate(zip(lines, ["out_0.mp4", "out_1.mp4", "dog.mp4"], strict=True)):
+            over = {k: v for k, v in line.items() if k not in ("prompt", "fps", "output", "size")}
+            if "size" in line:
+                over["width"], over["height"] = map(int, line["size"].split("x"))
+            result = pipe.run(SamplingParams.from_defaults(pipe.defaults, line["prompt"], **over))
+            write_mp4(result.frames, tmp_path / f"ref_{i}.mp4", fps=line.get("fps", 16))
+            (got, fps), (want, want_fps) = read_mp4(tmp_path / out), read_mp4(tmp_path / f"ref_{i}.mp4")
+            assert fps == want_fps and got.shape == want.shape and (got == want).all(), line
+    finally:
+        torch.set_num_threads(threads)

@@ -116,6 +116,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     par = p.add_argument_group("multi-GPU (launch with torchrun --nproc-per-node N; N = 2 x K or K)")
     par.add_argument("--cfg-parallel", action="store_true", help="cond / uncond passes on two rank groups")
     par.add_argument("--ulysses", type=int, default=1, metavar="K", help="sequence-parallel degree (1)")
+    par.add_argument("--gpus", default=None, metavar="LIST",
+                     help="with --prompts-file: one worker per GPU (e.g. 0,1), that many lines at a time")  # fmt: skip
+    par.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="with --prompts-file: N worker processes without --gpus (e.g. on the CPU)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +254,11 @@ def generate(args: argparse.Namespace) -> int:
             args.prompts_file, _overrides(args), preset.defaults, args.output, args.save_latents
         )
         plan_sizes = [(i.params.width, i.params.height, i.params.frames) for i in items]
-    else:
+    if args.gpus is not None or args.workers is not None:  # the lines spread over a worker pool
+        from wanfast.server.batchpool import run_on_pool
+
+        return run_on_pool(args, items, args.fps or preset.defaults.fps)
+    if items is None:
         params = _params(args, preset.defaults)
         plan_sizes = [(params.width, params.height, params.frames)]
     num_heads, layout = preset.dit.num_heads, None
