@@ -215,8 +215,8 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         try:
+            settings.fits(params)  # first: with a budget, its message names the memory mode that would fit
             limits.check(params)
-            settings.fits(params)
         except ValueError as e:
             rejected["cost_limit"] += 1
             raise HTTPException(422, str(e)) from None

@@ -170,9 +170,6 @@ class WorkerPool:
         """Slot name -> whether all its processes run."""
         return {n: bool(ps) and all(p.proc.poll() is None for p in ps) for n, ps in self._procs.items()}
 
-    def pids(self) -> dict[str, list[int]]:
-        return {n: [p.proc.pid for p in ps] for n, ps in self._procs.items()}
-
     # -- one slot -----------------------------------------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], object]) -> object:
         """``fn()``, again every second while the store cannot be written (e.g. locked by another process
@@ -234,9 +231,8 @@ class WorkerPool:
                     self._restart_rule(slot, owner, why)
                     owner = None
                     failures = failures + 1 if time.monotonic() - started < 60 else 1
-                    if self._stop.wait(
-                        min(2.0 ** (failures - 1), 60.0)
-                    ):  # a worker that cannot load: no spin
+                    backoff = min(2.0 ** (failures - 1), 60.0)  # a worker that cannot even load must not spin
+                    if self._stop.wait(backoff):
                         break
                 owner = uuid.uuid4().hex
                 self._retry(
@@ -259,9 +255,11 @@ class WorkerPool:
         """Stop every worker (closing its stdin ends it) and re-queue their jobs without counting an
         attempt."""
         self._stop.set()
+        for t in self._threads:  # each returns within a watch interval; none starts a process after
+            t.join(timeout)
         procs = [p for ps in self._procs.values() for p in ps]
-        for p in procs:
-            if p.proc.poll() is None and p.proc.stdin:
+        for p in procs:  # all at once: a worker exits as soon as its stdin closes
+            if p.proc.poll() is None:
                 try:
                     p.proc.stdin.close()
                 except OSError:
@@ -269,8 +267,9 @@ class WorkerPool:
         deadline = time.monotonic() + timeout
         for p in procs:
             p.stop(max(0.1, deadline - time.monotonic()))
-        for t in self._threads:
-            t.join(timeout)
-        for slot in self.slots:
-            self.store.register_worker(slot.name, None)
-        self.store.recover(self.results_dir, "server stopped", count_attempt=False)
+        try:
+            for slot in self.slots:
+                self.store.register_worker(slot.name, None)
+            self.store.recover(self.results_dir, "server stopped", count_attempt=False)
+        except sqlite3.Error as e:  # the next start applies the rule (counting the attempt)
+            log.error("could not re-queue the running jobs at stop: %s", e)

@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         pipe = _build(own)
     except Exception as e:
         if store is not None:
-            store.heartbeat(owner, "failed", detail=f"model load failed: {type(e).__name__}: {e}")
+            try:
+                store.heartbeat(owner, "failed", detail=f"model load failed: {type(e).__name__}: {e}")
+            except sqlite3.Error:
+                pass  # the traceback below says it all the same
         raise
     if pipe.device.type == "cpu":
         import torch
