@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["resident", "budget"], default=None, help="(internal) one side")
     args = ap.parse_args()
     spec = SPECS[args.model]
-    params = resolve_params(spec, "a fox", size=parse_size(args.size) if args.size else None, frames=args.frames)
+    params = resolve_params(
+        spec, "a fox", size=parse_size(args.size) if args.size else None, frames=args.frames
+    )
     base = EngineSettings(device="cuda", text_encoder_device="cpu" if args.t5_cpu else None).resolved()
     planned, why = plan_memory(replace(base, memory_budget_gb=args.budget), spec,
                                [(params.width, params.height, params.frames)])  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wanfast.server.jobs import JobStore, NotOwner, QueueFull
+from wanfast.server.jobs import IdempotencyConflict, JobStore, NotOwner, QueueFull
 from wanfast.server.schemas import VideoRequest, validate_request
 from wanfast.specs import SPECS
 
@@ -13,11 +13,13 @@ REQ = {"prompt": "a cat", "steps": 4}
 
 @pytest.fixture
 def store(tmp_path):
-    return JobStore(tmp_path / "jobs.db")
+    store = JobStore(tmp_path / "jobs.db")
+    store.reset_workers(["w0", "w1"])
+    return store
 
 
-def claimed(store: JobStore, owner: str = "w1"):
-    store.register_worker(owner)
+def claimed(store: JobStore, owner: str = "w1", slot: str = "w0"):
+    store.register_worker(slot, owner)
     job = store.claim(owner)
     assert job is not None and job.state == "running" and job.owner == owner
     return job
@@ -29,16 +31,28 @@ def test_lifecycle_and_atomic_result(store, tmp_path):
     assert store.queue_position(job) == 0
     assert store.claim("nobody") is None, "an unregistered worker must not take jobs"
     job = claimed(store)
-    assert job.attempts == 1 and store.queue_position(job) is None
+    assert job.attempts == 1 and store.queue_position(job) is None and job.worker == "w0"
+    assert job.stage == "starting"
     store.start(job.id, "w1", {"steps": 4, "prompt": "a cat"})
+    assert store.get(job.id).stage == "text_encoding"
     assert store.progress(job.id, "w1", 1, 4, "high_noise", 0.5, 1.5) is False
     got = store.get(job.id)
-    assert (got.step, got.steps, got.expert, got.eta_seconds) == (1, 4, "high_noise", 1.5)
+    assert (got.step, got.steps, got.expert, got.eta_seconds, got.stage) == (
+        1,
+        4,
+        "high_noise",
+        1.5,
+        "denoising",
+    )
+    store.progress(job.id, "w1", 4, 4, "low_noise", 0.5, 0.0)
+    assert store.get(job.id).stage == "decoding"  # after the last step: the VAE decode
+    assert store.stage(job.id, "w1", "writing") is False and store.get(job.id).stage == "writing"
     tmp, final = tmp_path / f"{job.id}.tmp.mp4", tmp_path / f"{job.id}.mp4"
     tmp.write_bytes(b"video")
-    store.finish(job.id, "w1", "succeeded", timings={"total": 2.0}, result=(tmp, final))
+    assert store.finish(job.id, "w1", "succeeded", timings={"total": 2.0}, result=(tmp, final)) == "succeeded"
     got = store.get(job.id)
     assert got.state == "succeeded" and got.timings == {"total": 2.0} and got.finished_at is not None
+    assert got.stage is None
     assert final.read_bytes() == b"video" and not tmp.exists()
     assert store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
     with pytest.raises(ValueError, match="not a final state"):
@@ -56,10 +70,14 @@ def test_queue_bound_counts_waiting_jobs_only(store):
     assert store.list(state="queued")[1] == 2 and store.list()[1] == 3
 
 
-def test_idempotency_key_returns_the_first_job(store):
+def test_idempotency_key_returns_the_first_job_for_the_same_request_only(store):
     first, created = store.submit(REQ, max_queued=4, idempotency_key="k1")
-    again, created_again = store.submit({"prompt": "other"}, max_queued=4, idempotency_key="k1")
+    again, created_again = store.submit(dict(REQ), max_queued=4, idempotency_key="k1")
     assert created and not created_again and again.id == first.id and again.request == REQ
+    with pytest.raises(
+        IdempotencyConflict, match=f"'k1' was used for a different request \\(job {first.id}\\)"
+    ):
+        store.submit({"prompt": "other"}, max_queued=4, idempotency_key="k1")
     assert store.list()[1] == 1
 
 
@@ -78,14 +96,19 @@ def test_cancel_queued_now_running_at_next_step(store):
 
 def test_restart_rule(store, tmp_path):
     store.max_attempts = 3
-    ids = [store.submit({"prompt": f"job {i}"}, 10)[0].id for i in range(4)]
-    store.register_worker("w1")
-    plain, to_cancel, poison = (store.claim("w1") for _ in range(3))
-    store.progress(plain.id, "w1", 3, 4, "low_noise", 0.1, 0.1)
+    ids = [store.submit({"prompt": f"job {i}"}, 10)[0].id for i in range(5)]
+    store.register_worker("w0", "t0")
+    plain, to_cancel, poison = (store.claim("t0") for _ in range(3))
+    store.register_worker("w1", "t1")
+    other = store.claim("t1")  # another worker's job, alive: the rule leaves it alone
+    store.progress(plain.id, "t0", 3, 4, "low_noise", 0.1, 0.1)
     store.cancel(to_cancel.id)
     store._con().execute("UPDATE jobs SET attempts = 3 WHERE id = ?", (poison.id,))
     (tmp_path / f"{plain.id}.tmp.mp4").write_bytes(b"half a video")
+    (tmp_path / f"{other.id}.tmp.mp4").write_bytes(b"being written")
 
+    assert store.recover(tmp_path, "worker w0 exited", owner="t0") == {}, "t0 is registered: not gone"
+    store.register_worker("w0", None)  # fenced, as the pool does before the rule
     changed = store.recover(tmp_path, "server restarted")
     assert changed == {plain.id: "queued", to_cancel.id: "cancelled", poison.id: "failed"}
     requeued = store.get(plain.id)
@@ -93,19 +116,22 @@ def test_restart_rule(store, tmp_path):
     assert requeued.owner is None and requeued.error is None and requeued.attempts == 1
     assert "interrupted 3 times (server restarted" in store.get(poison.id).error
     assert "cancelled by request" in store.get(to_cancel.id).error
-    assert store.get(ids[3]).state == "queued" and not list(tmp_path.glob("*.tmp.mp4"))
+    assert store.get(ids[4]).state == "queued" and store.get(other.id).state == "running"
+    assert [p.name for p in tmp_path.glob("*.tmp.mp4")] == [f"{other.id}.tmp.mp4"]
     # the interrupted job keeps its place ahead of the job submitted after it
-    store.register_worker("w2")
-    assert store.claim("w2").id == plain.id and store.claim("w2").id == ids[3]
+    store.register_worker("w0", "t2")
+    assert store.claim("t2").id == plain.id and store.claim("t2").id == ids[4]
 
 
 def test_clean_shutdown_does_not_count_an_attempt(store):
     store.max_attempts = 1
     store.submit(REQ, 4)
     job = claimed(store)
+    store.register_worker("w0", None)
     assert store.recover(None, "server stopped", count_attempt=False) == {job.id: "queued"}
     assert store.get(job.id).attempts == 0
     claimed(store, "w2")
+    store.register_worker("w0", None)
     assert store.recover(None, "server restarted") == {job.id: "failed"}
 
 
@@ -113,7 +139,7 @@ def test_fencing_keeps_an_orphaned_worker_out(store, tmp_path):
     store.submit(REQ, 4)
     store.submit(REQ, 4)
     job = claimed(store, "old")
-    store.register_worker("new")
+    store.register_worker("w0", "new")
     assert store.claim("old") is None, "a replaced worker must not take jobs"
     assert not store.heartbeat("old", "busy") and store.heartbeat("new", "ready", pid=1)
     store.recover(tmp_path, "server restarted")

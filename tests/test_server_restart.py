@@ -14,6 +14,7 @@ from wanfast.server.jobs import JobStore
 from wanfast.server.testing import ServerProcess, burst, wait_final, wait_for, wait_job
 
 LONG = {"size": "32x32", "frames": 1}
+ARGS = ("--queue-size", "64", "--max-steps", "1000")
 
 
 def results(data_dir) -> set[str]:
@@ -25,7 +26,7 @@ def restarted(tmp_path_factory):
     """Three jobs accepted, the server SIGKILLed during the first, then started again on the same data.
     Yields (running server, data dir, accepted ids, step the first job had reached)."""
     data = tmp_path_factory.mktemp("restart")
-    first = ServerProcess(data, "--queue-size", "64").start()
+    first = ServerProcess(data, *ARGS).start()
     try:
         with first.client() as c:
             ids = [
@@ -37,7 +38,7 @@ def restarted(tmp_path_factory):
         first.kill()
         # the worker must follow its server at once: a leftover would still hold the GPU
         wait_for(lambda: not first.worker_pids(), 10, "the orphaned worker to exit")
-        second = ServerProcess(data, "--queue-size", "64").start()
+        second = ServerProcess(data, *ARGS).start()
     finally:
         first.stop()
     yield second, data, ids, job["progress"]["step"]
@@ -68,10 +69,18 @@ def test_worker_crash_requeues_its_job_and_a_new_worker_runs_it(restarted):
         os.kill(pid, signal.SIGKILL)
         done = wait_final(c, job["id"], timeout=90)
         assert done["state"] == "succeeded" and done["attempts"] == 2
-        assert done["note"].startswith("re-queued: worker process exited with code -9 at step ")
-        assert "wanfast_worker_restarts_total 1" in c.get("/metrics").text
-        ready = {"status": "ok", "worker": "ready", "detail": None}
-        wait_for(lambda: c.get("/health").json() == ready, 5, "the new worker to be idle and healthy")
+        assert done["note"].startswith("re-queued: worker w0 exited with code -9 at step ")
+        assert 'wanfast_worker_restarts_total{worker="w0",gpus=""} 1' in c.get("/metrics").text
+
+        def healthy():
+            h = c.get("/health").json()
+            return (
+                h["status"] == "ok"
+                and h["workers"][0]["state"] == "ready"
+                and h["workers"][0]["restarts"] == 1
+            )
+
+        wait_for(healthy, 5, "the new worker to be idle and healthy")
     assert f"{job['id']}.mp4" in results(data)
 
 

@@ -80,6 +80,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_flags(p)
+    pool = p.add_argument_group("many prompts on many GPUs")
+    pool.add_argument("--gpus", default=None, metavar="LIST",
+                      help="with --prompts-file: one worker per GPU (e.g. 0,1), that many lines at a time")  # fmt: skip
+    pool.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="with --prompts-file: N worker processes without --gpus (e.g. on the CPU)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +201,10 @@ def generate(args: argparse.Namespace) -> int:
         items = read_prompts_file(args.prompts_file, _overrides(args), spec, args.output, args.save_latents,
                                   args.image)  # fmt: skip
         sizes = [(i.params.width, i.params.height, i.params.frames) for i in items]
+        if args.gpus is not None or args.workers is not None:  # the lines spread over a worker pool
+            from wanfast.server.batchpool import run_on_pool
+
+            return run_on_pool(args, items, args.fps or spec.defaults.fps)
     else:
         if args.image is not None:
             from wanfast.image import load_image

@@ -1,8 +1,12 @@
-"""The web process: FastAPI routes over the job store. It never loads a model; the worker does.
+"""The web process: FastAPI routes over the job store. It never loads a model; the pool's workers do.
 
 Routes (all but ``/health`` need the API key when one is set): ``POST /v1/videos``, ``GET /v1/videos``,
 ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/events`` (server-sent events), ``GET /v1/videos/{id}/content``,
-``DELETE /v1/videos/{id}``, ``GET /metrics``, ``GET /health``, the page at ``/`` and the docs at ``/docs``.
+``DELETE /v1/videos/{id}``, ``GET /metrics``, ``GET /health``, the page at ``/`` and the docs at ``/docs``
+(rendered here from the OpenAPI schema: no script, nothing from the internet).
+
+Every request first passes ``Guard``: the ``Host`` allow-list (DNS rebinding), the API key, JSON as the
+only body type, the body size limit; every response carries the security headers of ``safety``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import hmac
 import json
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,9 +31,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from wanfast.config import SamplingParams
-from wanfast.server.jobs import STATES, TERMINAL, JobStore, QueueFull
-from wanfast.server.page import PAGE
-from wanfast.server.schemas import Health, VideoJob, VideoList, VideoRequest, validate_request
+from wanfast.server.jobs import STATES, TERMINAL, IdempotencyConflict, JobStore, QueueFull
+from wanfast.server.page import PAGE, docs_page
+from wanfast.server.safety import host_allowed, redact_paths, security_headers
+from wanfast.server.schemas import (
+    Health,
+    Limits,
+    VideoJob,
+    VideoList,
+    VideoRequest,
+    WorkerHealth,
+    validate_request,
+)
 from wanfast.specs import ModelSpec
 
 EVENT_POLL_SECONDS = 0.2
@@ -44,7 +58,10 @@ class ServerSettings:
     api_key: str | None = None
     max_prompt_chars: int = 2000
     max_body_bytes: int = 64 * 1024
-    worker_alive: Callable[[], bool] = lambda: True
+    limits: Limits | None = None  # None: Limits.default(spec.defaults)
+    allowed_hosts: list[str] | None = None  # Host header names answered (None: any; safety.py)
+    workers_alive: Callable[[], dict[str, bool]] = dict  # pool slot -> its processes run
+    worker_gpus: dict[str, str] | None = None  # pool slot -> the GPUs it owns ("0", "2,3"; "" on the CPU)
     # raises ValueError (-> 422) for a request the worker's memory budget cannot hold (server/cli.py)
     fits: Callable[[SamplingParams], None] = lambda params: None
 
@@ -54,13 +71,16 @@ def _json_error(status: int, message: str, headers: dict | None = None) -> JSONR
 
 
 class Guard:
-    """ASGI middleware in front of every route: the API key (except ``/health``), then the body size limit.
+    """ASGI middleware in front of every route: the ``Host`` allow-list, the API key (except ``/health``),
+    then JSON as the only body type and the body size limit. Adds ``headers`` to every response.
 
     Keys are accepted as ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or as the password of HTTP Basic
     authentication, which lets a browser open the page (it asks once, then sends it on every request)."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: list[str] | None,
+                 headers: list[tuple[bytes, bytes]]) -> None:  # fmt: skip
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.allowed_hosts, self.headers = allowed_hosts, headers
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key", b"")
@@ -74,20 +94,42 @@ class Guard:
                 return False
         return hmac.compare_digest(given, self.api_key.encode())  # bytes, constant time
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
+    def _refusal(self, scope, headers: dict[bytes, bytes]) -> JSONResponse | None:
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not host_allowed(host, self.allowed_hosts):
+            allowed = ", ".join(self.allowed_hosts or [])
+            return _json_error(400, f"this server does not answer to Host {host!r}; it answers to {allowed} "
+                               "(--allowed-hosts)")  # fmt: skip
         if self.api_key and scope["path"] != "/health" and not self._authorized(headers):
             msg = "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
             challenge = {"WWW-Authenticate": 'Basic realm="wanfast", charset="UTF-8"'}
-            return await _json_error(401, msg, challenge)(scope, receive, send)
+            return _json_error(401, msg, challenge)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        too_large = _json_error(413, f"request body larger than {self.max_body} bytes")
+            return None
+        media = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        if media != b"application/json":
+            shown = media.decode("latin-1") or "none"
+            return _json_error(415, f"the body must be JSON (Content-Type: application/json), not {shown}")
         declared = headers.get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_body:  # uvicorn has refused malformed ones
-            return await too_large(scope, receive, send)
+            return _json_error(413, f"request body larger than {self.max_body} bytes")
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            return await refusal(scope, receive, send_with_headers)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send_with_headers)
         # read the body here, bounded, whatever Content-Length claimed (or chunked encoding), then replay it
         chunks, size, more = [], 0, True
         while more:
@@ -98,7 +140,8 @@ class Guard:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body:
-                return await too_large(scope, receive, send)
+                too_large = _json_error(413, f"request body larger than {self.max_body} bytes")
+                return await too_large(scope, receive, send_with_headers)
         body, replayed = b"".join(chunks), False
 
         async def replay():
@@ -108,7 +151,7 @@ class Guard:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, send_with_headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -119,18 +162,34 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def _validation_errors(exc: RequestValidationError) -> list[dict]:
+    """Where and what, never the input: echoed, a NaN or a lone surrogate cannot be serialised (and the
+    client has it already)."""
+    return [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+    ]
+
+
 def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
     app = FastAPI(
         title="wanfast",
         version="0.1.0",
         description="Wan2.2 text-to-video jobs. When the server has an API key, send it as "
         "`Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but `/health`.",
+        docs_url=None,
+        redoc_url=None,
     )
-    rejected = {"queue_full": 0}
+    rejected = {"queue_full": 0, "cost_limit": 0}
+    limits = settings.limits or Limits.default(settings.spec.defaults)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_message(exc), "errors": exc.errors()}, status_code=422)
+        return JSONResponse({"detail": _validation_message(exc), "errors": _validation_errors(exc)}, 422)
+
+    @app.exception_handler(sqlite3.Error)
+    async def store_busy(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        # e.g. the database locked by another process for longer than --db-timeout, or a full disk
+        return _json_error(503, f"the job store is unavailable ({exc}); retry later", {"Retry-After": "2"})
 
     def job_or_404(job_id: str):
         try:
@@ -150,12 +209,12 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         req: VideoRequest,
         idempotency_key: str | None = Header(None, max_length=200, description="retry-safe submission"),
     ) -> VideoJob:
-        """Queue a video. 202 with the job; 429 when the queue is full; 422 for invalid parameters (and for
-        a size the server's memory budget cannot hold).
-        A repeated ``Idempotency-Key`` returns the job it first created instead of a new one."""
+        """Queue a video. 202 with the job; 429 when the queue is full; 422 for invalid parameters, for a
+        request over this server's cost limits (pixels x frames, steps) or one its memory budget cannot
+        hold. A repeated ``Idempotency-Key`` returns the job it first created instead of a new one (422 if
+        the request differs)."""
         try:
             request, params, image = validate_request(req, settings.spec, settings.max_prompt_chars)
-            settings.fits(params)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         if image is not None:  # content-addressed: a retried submission stores no second copy
@@ -168,17 +227,25 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
                 tmp.replace(path)
             request["image"] = str(path)
         try:
+            settings.fits(params)  # first: with a budget, its message names the memory mode that would fit
+            limits.check(params)
+        except ValueError as e:
+            rejected["cost_limit"] += 1
+            raise HTTPException(422, str(e)) from None
+        try:
             job, _ = store.submit(request, settings.queue_size, idempotency_key, steps=params.steps)
         except QueueFull as e:
             rejected["queue_full"] += 1
             raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
+        except IdempotencyConflict as e:
+            raise HTTPException(422, str(e)) from None
         return view(job)
 
     @app.get("/v1/videos", response_model=VideoList, tags=["videos"])
     def list_videos(
         state: str | None = Query(None, pattern="^(" + "|".join(STATES) + ")$"),
         limit: int = Query(100, ge=1, le=1000),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=2**63 - 1),
     ) -> VideoList:
         """Jobs, newest first."""
         jobs, total = store.list(state, limit, offset)
@@ -192,7 +259,8 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
     @app.delete("/v1/videos/{job_id}", response_model=VideoJob, tags=["videos"])
     def cancel_video(job_id: str) -> VideoJob:
         """Cancel a queued job now, or stop a running one after its current step (``cancel_requested``
-        until the worker does). 409 for a job that has already ended."""
+        until the worker does); past its last step (VAE decode, MP4 write) the video is discarded and the
+        job ends cancelled all the same. 409 for a job that has already ended."""
         job = job_or_404(job_id)
         if job.state in TERMINAL:
             raise HTTPException(409, f"job {job.id} has already ended: {job.state}")
@@ -237,24 +305,36 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     def worker_health() -> Health:
-        w = store.worker_status()
-        fresh = w["heartbeat_at"] is not None and time.time() - w["heartbeat_at"] < HEARTBEAT_STALE_SECONDS
-        state = w["state"] if settings.worker_alive() else "stopped"
-        if state in ("ready", "busy") and fresh:
-            return Health(status="ok", worker=state)
-        status = "starting" if state in ("starting", "loading") else "degraded"
-        return Health(status=status, worker=state, detail=w["detail"] if state == "failed" else None)
+        alive, gpus, now = settings.workers_alive(), settings.worker_gpus or {}, time.time()
+        workers = []
+        for w in store.workers():
+            fresh = w["heartbeat_at"] is not None and now - w["heartbeat_at"] < HEARTBEAT_STALE_SECONDS
+            state = w["state"] if alive.get(w["name"], False) or w["state"] == "failed" else "stopped"
+            workers.append(WorkerHealth(
+                name=w["name"], gpus=gpus.get(w["name"], ""), state=state, device=w["device"],
+                up=state in ("ready", "busy") and fresh, restarts=w["restarts"],
+                detail=redact_paths(w["detail"]) if state == "failed" else None,
+            ))  # fmt: skip
+        up = sum(w.up for w in workers)
+        if workers and up == len(workers):
+            status = "ok"
+        elif up:
+            status = "degraded"
+        else:
+            status = "starting" if any(w.state in ("starting", "loading") for w in workers) else "down"
+        return Health(status=status, workers_up=up, workers=workers)
 
     @app.get("/health", response_model=Health, tags=["service"])
     def health() -> JSONResponse:
-        """200 when the worker has its model loaded; 503 while it starts or if it is down. No key needed."""
+        """200 while at least one worker has its model loaded (``ok``: all of them; ``degraded``: some);
+        503 while none has (``starting``, or ``down``). Each worker with its state. No key needed."""
         h = worker_health()
-        return JSONResponse(h.model_dump(), status_code=200 if h.status == "ok" else 503)
+        return JSONResponse(h.model_dump(), status_code=200 if h.workers_up else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
     def metrics() -> PlainTextResponse:
-        """Prometheus text format."""
-        counts, w = store.counts(), store.worker_status()
+        """Prometheus text format; the worker series are labelled by worker and its GPUs."""
+        counts, h, rows = store.counts(), worker_health(), {w["name"]: w for w in store.workers()}
         step_sum, step_count, last_step = store.step_stats()
         lines = []
 
@@ -266,27 +346,41 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         metric("wanfast_queue_capacity", "gauge", "Most jobs the queue holds.", [("", settings.queue_size)])
         metric("wanfast_jobs", "gauge", "Jobs by state.", [(f'{{state="{s}"}}', counts[s]) for s in STATES])
         metric("wanfast_rejected_total", "counter", "Submissions refused since start, by reason.",
-               [('{reason="queue_full"}', rejected["queue_full"])])  # fmt: skip
+               [(f'{{reason="{r}"}}', n) for r, n in rejected.items()])  # fmt: skip
         metric("wanfast_step_seconds", "summary", "Denoising step time of ended jobs.",
                [("_sum", step_sum), ("_count", step_count)])  # fmt: skip
         metric(
             "wanfast_last_step_seconds", "gauge", "Mean step time of the latest job.", [("", last_step or 0)]
         )
-        metric("wanfast_worker_up", "gauge", "1 when the worker has its model loaded.",
-               [("", worker_health().status == "ok")])  # fmt: skip
-        metric("wanfast_worker_restarts_total", "counter", "Worker processes that died and were replaced.",
-               [("", w["restarts"])])  # fmt: skip
+        metric("wanfast_workers", "gauge", "Workers of the pool.", [("", len(h.workers))])
+        label = {w.name: f'{{worker="{w.name}",gpus="{w.gpus}"}}' for w in h.workers}
+        metric("wanfast_worker_up", "gauge", "1 when the worker has its model loaded and beats.",
+               [(label[w.name], w.up) for w in h.workers])  # fmt: skip
+        metric("wanfast_worker_busy", "gauge", "1 while the worker runs a job.",
+               [(label[w.name], w.state == "busy") for w in h.workers])  # fmt: skip
+        metric("wanfast_worker_restarts_total", "counter", "Worker processes that died or hung and were replaced.",
+               [(label[w.name], w.restarts) for w in h.workers])  # fmt: skip
         for key, help_ in (("allocated", "held by tensors"), ("reserved", "held by the caching allocator"),
                            ("total", "of the device")):  # fmt: skip
-            value = w[f"memory_{key}"] or 0  # 0 on a CPU worker
-            metric(f"wanfast_gpu_memory_{key}_bytes", "gauge", f"GPU memory {help_}.", [("", value)])
+            samples = [(label[w.name], rows[w.name][f"memory_{key}"] or 0) for w in h.workers]  # 0 on a CPU
+            metric(f"wanfast_gpu_memory_{key}_bytes", "gauge", f"GPU memory {help_}.", samples)
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    page_html = PAGE.replace("__DEFAULTS__", json.dumps(_page_defaults(settings.spec.defaults)))
+    docs_html = docs_page(app.openapi())
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.replace("__DEFAULTS__", json.dumps(_page_defaults(settings.spec.defaults))))
+        return HTMLResponse(page_html)
 
-    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(docs_html)
+
+    app.add_middleware(
+        Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+        allowed_hosts=settings.allowed_hosts, headers=security_headers(page_html, docs_html),
+    )  # fmt: skip
     return app
 
 

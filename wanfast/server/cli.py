@@ -1,4 +1,4 @@
-"""``wanfast serve``: the HTTP service (web process + one worker process)."""
+"""``wanfast serve``: the HTTP service (web process + a pool of worker processes, ``server.pool``)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest request body (default 64 KiB; 32 MiB for a model that takes an image)")  # fmt: skip
     add_engine_flags(p)  # the same engine flags as generate
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_pool_and_door_flags(p)
+
+
+def add_pool_and_door_flags(p: argparse.ArgumentParser) -> None:
+    """The worker pool (``server.pool``) and what the door lets in (``server.app``)."""
+    pool = p.add_argument_group("worker pool")
+    pool.add_argument("--gpus", default=None, metavar="LIST",
+                      help="CUDA devices to use, e.g. 0,1,2,3: one worker per GPU (or per --gpus-per-worker)")  # fmt: skip
+    pool.add_argument("--gpus-per-worker", type=int, default=1, metavar="K",
+                      help="GPUs per worker: each video split over K GPUs (CFG-parallel, then Ulysses; default 1)")  # fmt: skip
+    pool.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="worker processes without --gpus (CPU, or the default GPU; default 1)")  # fmt: skip
+    pool.add_argument("--worker-timeout", type=float, default=30.0, metavar="S",
+                      help="a worker with no heartbeat for S seconds (hung, or stopped) is replaced (default 30)")  # fmt: skip
+    door = p.add_argument_group("requests")
+    door.add_argument("--allowed-hosts", default=None, metavar="LIST",
+                      help="Host header names answered, e.g. video.example.com,*.corp or * for any (default: "
+                      "the loopback names when bound to loopback, else any)")  # fmt: skip
+    door.add_argument("--max-pixel-frames", type=int, default=None, metavar="N",
+                      help="largest width x height x frames of one request (default 2.5x the model's default "
+                      "request: 186,624,000 for A14B, e.g. 1920x1088 x 81)")  # fmt: skip
+    door.add_argument("--max-steps", type=int, default=None, metavar="N",
+                      help="most sampling steps of one request (default 2.5x the model's default: 100 for A14B)")  # fmt: skip
+    door.add_argument("--db-timeout", type=float, default=30.0, metavar="S",
+                      help="seconds a job-database write waits for its lock before it fails (default 30)")  # fmt: skip
 
 
 def _lock(data_dir: Path):
@@ -90,19 +115,43 @@ def _exit_cleanly(signum: int, frame) -> None:
     raise SystemExit(0)
 
 
+def _pool_plan(args: argparse.Namespace, num_heads: int):
+    """The pool's slots from --gpus / --gpus-per-worker / --workers, checked before anything starts."""
+    from wanfast.parallel.dist import check_split
+    from wanfast.server.pool import parse_gpus, plan_slots, slot_split
+
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else None
+    if gpus is not None and (args.device or "cuda").startswith("cpu"):
+        raise ConfigError("--gpus needs CUDA devices; on the CPU use --workers N")
+    slots = plan_slots(gpus, args.gpus_per_worker, args.workers)
+    if args.gpus_per_worker > 1:
+        split = slot_split(args.gpus_per_worker)
+        check_split(split["cfg_parallel"], split["ulysses"], args.gpus_per_worker, num_heads)
+    return slots
+
+
 def serve_main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from wanfast.builder import open_model, plan
     from wanfast.server.app import ServerSettings, create_app
-    from wanfast.server.jobs import JobStore
-    from wanfast.server.worker import WorkerSupervisor
+    from wanfast.server.jobs import open_store
+    from wanfast.server.pool import WorkerPool
+    from wanfast.server.safety import default_allowed_hosts
+    from wanfast.server.schemas import Limits
 
     if args.queue_size < 1 or args.max_prompt_chars < 1 or (args.max_body_bytes or 1024) < 1024:
         raise ConfigError("--queue-size and --max-prompt-chars must be >= 1, --max-body-bytes >= 1024")
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
     plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
+    slots = _pool_plan(args, model.spec.dit.num_heads)
+    default = Limits.default(model.spec.defaults)
+    limits = Limits(args.max_pixel_frames or default.max_pixel_frames, args.max_steps or default.max_steps)
+    if min(limits.max_pixel_frames, limits.max_steps, args.worker_timeout, args.db_timeout) <= 0:
+        raise ConfigError("--max-pixel-frames, --max-steps, --worker-timeout and --db-timeout must be > 0")
+    hosts = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
+    hosts = None if hosts is not None and "*" in hosts else hosts
     api_key = args.api_key or os.environ.get("WANFAST_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
         print(f"wanfast: warning: serving on {args.host} without an API key", file=sys.stderr)
@@ -112,8 +161,8 @@ def serve_main(args: argparse.Namespace) -> int:
     results = data_dir / "results"
     results.mkdir(parents=True, exist_ok=True)
     lock = _lock(data_dir)
-    store = JobStore(data_dir / "jobs.db")
-    store.register_worker(None)
+    store = open_store(data_dir / "jobs.db", results, args.db_timeout)  # a clear error for a bad database
+    store.reset_workers([s.name for s in slots])
     changed = store.recover(results, "server restarted")  # the restart rule, before any worker runs
     for state in ("queued", "failed", "cancelled"):
         ids = [i for i, s in changed.items() if s == state]
@@ -124,17 +173,17 @@ def serve_main(args: argparse.Namespace) -> int:
     why, fits = check_memory(config, model)
     if why:
         log.info("%s", why)
-    supervisor = WorkerSupervisor(store, config, results)
+    pool = WorkerPool(store, config, results, slots, hang_seconds=args.worker_timeout)
     settings = ServerSettings(
         results_dir=results, spec=model.spec, queue_size=args.queue_size, api_key=api_key,
-        max_prompt_chars=args.max_prompt_chars, max_body_bytes=max_body, worker_alive=supervisor.alive,
-        fits=fits,
+        max_prompt_chars=args.max_prompt_chars, max_body_bytes=max_body, limits=limits,
+        allowed_hosts=hosts, workers_alive=pool.alive, worker_gpus={s.name: s.label for s in slots}, fits=fits,
     )  # fmt: skip
     # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again: let that end in `finally` below,
-    # which stops the worker and re-queues its job, rather than in the default handler's abrupt exit
+    # which stops the workers and re-queues their jobs, rather than in the default handler's abrupt exit
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    supervisor.start()
+    pool.start()
     try:
         # bounded graceful shutdown: an open event stream would otherwise hold the server until its job ends
         uvicorn.run(
@@ -142,6 +191,6 @@ def serve_main(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=5,
         )  # fmt: skip
     finally:
-        supervisor.stop()
+        pool.stop()
         lock.close()
     return 0

@@ -1,81 +1,50 @@
-"""The job store: one SQLite database in WAL mode, shared by the web process and the worker process.
+"""The job store: one SQLite database in WAL mode, shared by the web process and the worker processes.
 
 States: ``queued -> running -> succeeded | failed | cancelled``, and ``queued -> cancelled``.
-A job is accepted (202) only once its row is committed, with ``synchronous=FULL``.
+A job is accepted (202) only once its row is committed, with ``synchronous=FULL``. A running job also has
+a ``stage``: ``text_encoding``, ``denoising``, ``decoding`` (the VAE), ``writing`` (the MP4).
 
-Restart rule, applied when the server starts and whenever the worker process dies:
+Restart rule, applied when the server starts and before every worker (re)start, to the running jobs of
+workers that are gone:
 
 - queued jobs stay queued, in submission order: the restarted server resumes them;
 - a running job whose cancellation was requested becomes ``cancelled``;
 - any other running job was interrupted. It goes back to the queue at its original place (generation is
   deterministic in its seed, so the re-run gives the same video), unless it has already been started
-  ``max_attempts`` times (3): then it becomes ``failed`` with the reason, so a job that keeps killing the
+  ``max_attempts`` times (3): then it becomes ``failed`` with the reason, so a job that keeps killing a
   worker is not retried forever. A clean shutdown (SIGINT/SIGTERM) re-queues without counting the attempt;
-- half-written result files are deleted. A video is written under a temporary name and renamed to
-  ``<job id>.mp4`` inside the transaction that marks the job succeeded, so a job has one video or none.
+- half-written result files are deleted. A video is written under a temporary name, flushed to disk
+  (fsync of the file and of its directory) and renamed to ``<job id>.mp4`` inside the transaction that
+  marks the job succeeded, so a job has one video or none, also after a power cut.
 
-Fencing: each worker start gets a fresh owner token, registered in the ``worker`` row before the process
-starts. A claim needs its token to be the registered one and every update of a running job needs the
-job's own token, so a worker orphaned by a killed server can neither take jobs nor touch re-queued ones.
+Fencing: every worker process gets a fresh owner token, registered in its row of ``workers`` before the
+process starts and removed before the restart rule runs for it. A claim needs a registered token, and
+every update of a running job needs the job's own token, so a worker that was replaced (or orphaned by a
+killed server) can neither take jobs nor touch re-queued ones.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
+
+from wanfast.config import ConfigError
+from wanfast.server.jobdb import Job, migrate
+from wanfast.server.safety import redact_paths
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 MAX_ATTEMPTS = 3
+LOCK_TIMEOUT = 30.0  # seconds a statement waits for another process's write lock before it fails
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- queue order; a re-queued job keeps its place
-    id TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    request TEXT NOT NULL,                  -- JSON, as validated by the web process
-    params TEXT,                            -- JSON, the SamplingParams the worker resolved and ran
-    idempotency_key TEXT UNIQUE,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    updated_at REAL NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0,
-    steps INTEGER,
-    expert TEXT,
-    step_seconds REAL,
-    eta_seconds REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    owner TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    note TEXT,
-    timings TEXT,
-    peak_memory_bytes INTEGER
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
-CREATE TABLE IF NOT EXISTS worker (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    owner TEXT,
-    pid INTEGER,
-    state TEXT NOT NULL,
-    detail TEXT,
-    device TEXT,
-    memory_allocated INTEGER,
-    memory_reserved INTEGER,
-    memory_total INTEGER,
-    heartbeat_at REAL,
-    restarts INTEGER NOT NULL DEFAULT 0
-);
-INSERT OR IGNORE INTO worker (id, state) VALUES (1, 'stopped');
-"""
+_GONE = "(owner IS NULL OR owner NOT IN (SELECT owner FROM workers WHERE owner IS NOT NULL))"
 
 
 class QueueFull(Exception):
@@ -86,55 +55,62 @@ class NotOwner(Exception):
     """The job is no longer this worker's (a restart re-queued or failed it)."""
 
 
-@dataclass
-class Job:
-    seq: int
-    id: str
-    state: str
-    request: dict
-    params: dict | None
-    idempotency_key: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    updated_at: float
-    step: int
-    steps: int | None
-    expert: str | None
-    step_seconds: float | None
-    eta_seconds: float | None
-    attempts: int
-    owner: str | None
-    cancel_requested: bool
-    error: str | None
-    note: str | None
-    timings: dict | None
-    peak_memory_bytes: int | None
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` that was used before, for a different request."""
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
-        values = {f.name: row[f.name] for f in fields(cls)}
-        for name in ("request", "params", "timings"):
-            values[name] = json.loads(values[name]) if values[name] is not None else None
-        values["cancel_requested"] = bool(values["cancel_requested"])
-        return cls(**values)
+
+def open_store(path: Path, results_dir: Path, timeout: float = LOCK_TIMEOUT) -> JobStore:
+    """The server's store, checked at start: a database that cannot be read, or one that is new or empty
+    while ``results_dir`` holds videos of earlier jobs (the jobs were lost), is a ``ConfigError`` that
+    names the file and the way out, never a traceback or a silent fresh start."""
+    new = not path.exists() or path.stat().st_size == 0
+    videos = [p for p in results_dir.glob("*.mp4") if not p.name.endswith(".tmp.mp4")]
+    if new and videos:
+        what = "is empty" if path.exists() else "is missing"
+        raise ConfigError(
+            f"{path} {what} but {results_dir} holds {len(videos)} video(s) of earlier jobs: the job "
+            f"database was lost. Restore it from a backup, or move {results_dir} aside to start with an "
+            "empty job list"
+        )
+    way_out = (
+        f"restore it from a backup, or move it aside (with any {path.name}-wal and {path.name}-shm beside "
+        "it) to start with an empty job list"
+    )
+    try:
+        store = JobStore(path, timeout=timeout)
+        problems = [r[0] for r in store._con().execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"{path} is not a readable job database ({e}): {way_out}") from None
+    if problems != ["ok"]:
+        raise ConfigError(f"{path} is damaged ({'; '.join(problems[:3])}): {way_out}")
+    return store
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a directory too: its entry for a renamed file
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class JobStore:
-    """All reads and writes of jobs; safe across threads and processes (SQLite does the locking)."""
+    """All reads and writes of jobs; safe across threads and processes (SQLite does the locking).
+    ``timeout``: seconds a statement waits for another process's write lock before it raises."""
 
-    def __init__(self, path: str | Path, max_attempts: int = MAX_ATTEMPTS) -> None:
-        self.path = Path(path)
-        self.max_attempts = max_attempts
+    def __init__(
+        self, path: str | Path, max_attempts: int = MAX_ATTEMPTS, timeout: float = LOCK_TIMEOUT
+    ) -> None:
+        self.path, self.max_attempts, self.timeout = Path(path), max_attempts, timeout
         self._local = threading.local()
-        self._con().executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+        migrate(self._con())
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
             # autocommit mode: every statement is its own transaction unless _tx opens one
-            con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut, not just a kill
@@ -160,23 +136,30 @@ class JobStore:
     def submit(
         self, request: dict, max_queued: int, idempotency_key: str | None = None, steps: int | None = None
     ) -> tuple[Job, bool]:
-        """Queue a job; returns (job, created). The same idempotency key returns the first job again.
-        Raises QueueFull when ``max_queued`` jobs are waiting already. ``steps``: the expected total."""
-        now = time.time()
+        """Queue a job; returns (job, created). The same idempotency key with the same request returns the
+        first job again; with another request it raises ``IdempotencyConflict``. Raises QueueFull when
+        ``max_queued`` jobs are waiting already. ``steps``: the expected total."""
+        now, body = time.time(), json.dumps(request)
         with self._tx() as con:
             if idempotency_key is not None:
                 row = con.execute(
                     "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
                 if row is not None:
-                    return Job.from_row(row), False
+                    first = Job.from_row(row)
+                    if first.request != json.loads(body):
+                        raise IdempotencyConflict(
+                            f"Idempotency-Key {idempotency_key!r} was used for a different request (job "
+                            f"{first.id}); send a new key for a new request"
+                        )
+                    return first, False
             (queued,) = con.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
             if queued >= max_queued:
                 raise QueueFull(f"the queue is full ({queued} jobs waiting); retry later")
             row = con.execute(
                 "INSERT INTO jobs (id, state, request, idempotency_key, steps, created_at, updated_at)"
                 " VALUES (?, 'queued', ?, ?, ?, ?, ?) RETURNING *",
-                (str(uuid.uuid4()), json.dumps(request), idempotency_key, steps, now, now),
+                (str(uuid.uuid4()), body, idempotency_key, steps, now, now),
             ).fetchone()
         return Job.from_row(row), True
 
@@ -217,8 +200,9 @@ class JobStore:
         return float(total), int(count), (last[0] if last else None)
 
     def cancel(self, job_id: str) -> Job | None:
-        """A queued job is cancelled at once; a running one is flagged and its worker stops it at the next
-        step. Terminal jobs are left as they are. Returns the job afterwards (None if unknown)."""
+        """A queued job is cancelled at once; a running one is flagged: its worker stops it at the next
+        step, or discards its video if it is past the last step (``finish``). Terminal jobs are left as
+        they are. Returns the job afterwards (None if unknown)."""
         now = time.time()
         with self._tx() as con:
             con.execute(
@@ -232,67 +216,83 @@ class JobStore:
             )
         return self.get(job_id)
 
-    def recover(self, results_dir: Path | None, reason: str, count_attempt: bool = True) -> dict[str, str]:
-        """Apply the restart rule (module docstring) to every running job; call it only while no worker
-        runs. Returns {job id: new state}."""
+    def recover(
+        self, results_dir: Path | None, reason: str, count_attempt: bool = True, owner: str | None = None
+    ) -> dict[str, str]:
+        """Apply the restart rule (module docstring) to the running jobs whose worker is gone (their owner
+        token is not registered), or only to those of ``owner``. Returns {job id: new state}."""
         now, changed = time.time(), {}
+        where = f"state = 'running' AND {_GONE}" + (" AND owner = ?" if owner else "")
         with self._tx() as con:
-            for row in con.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall():
+            for row in con.execute(f"SELECT * FROM jobs WHERE {where}", (owner,) if owner else ()).fetchall():
                 job = Job.from_row(row)
                 attempts = job.attempts if count_attempt else job.attempts - 1
-                where = f"at step {job.step} of {job.steps or '?'}"
+                at = f"at step {job.step} of {job.steps or '?'}"
                 if job.cancel_requested:
-                    state, error, note = "cancelled", f"cancelled by request; {reason} {where}", None
+                    state, error, note = "cancelled", f"cancelled by request; {reason} {at}", None
                 elif attempts >= self.max_attempts:
                     state, note = "failed", None
-                    error = f"interrupted {attempts} times ({reason} {where}); not retried"
+                    error = f"interrupted {attempts} times ({reason} {at}); not retried"
                 else:
-                    state, error, note = "queued", None, f"re-queued: {reason} {where}"
+                    state, error, note = "queued", None, f"re-queued: {reason} {at}"
                 con.execute(
                     "UPDATE jobs SET state = ?, error = ?, note = COALESCE(?, note), attempts = ?, owner = NULL,"
-                    " step = CASE WHEN ? = 'queued' THEN 0 ELSE step END, eta_seconds = NULL, updated_at = ?,"
-                    " started_at = CASE WHEN ? = 'queued' THEN NULL ELSE started_at END,"
+                    " stage = NULL, step = CASE WHEN ? = 'queued' THEN 0 ELSE step END, eta_seconds = NULL,"
+                    " updated_at = ?, started_at = CASE WHEN ? = 'queued' THEN NULL ELSE started_at END,"
                     " finished_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END WHERE id = ?",
                     (state, error, note, attempts, state, now, state, state, now, job.id),
                 )
                 changed[job.id] = state
-        if results_dir is not None:
+        if results_dir is not None:  # half-written videos of jobs no live worker runs
             for tmp in Path(results_dir).glob("*.tmp.mp4"):
-                tmp.unlink(missing_ok=True)
+                job = self.get(tmp.name[: -len(".tmp.mp4")])
+                if job is None or job.state != "running" or job.id in changed:
+                    tmp.unlink(missing_ok=True)
         return changed
 
     # -- worker registration ------------------------------------------------------------------------------
-    def register_worker(self, owner: str | None) -> None:
-        """Make ``owner`` the only token that may claim jobs (None: nobody may)."""
+    def reset_workers(self, names: list[str]) -> None:
+        """The pool's slots, all stopped (at server start, before any worker runs)."""
+        with self._tx() as con:
+            con.execute("DELETE FROM workers")
+            con.executemany("INSERT INTO workers (name, state) VALUES (?, 'stopped')", [(n,) for n in names])
+
+    def register_worker(self, name: str, owner: str | None) -> None:
+        """Make ``owner`` the only token of slot ``name`` that may claim jobs (None: fence it off; a failed
+        worker keeps its state and detail for /health)."""
         self._con().execute(
-            "UPDATE worker SET owner = ?, pid = NULL, state = ?, detail = NULL, heartbeat_at = ? WHERE id = 1",
-            (owner, "starting" if owner else "stopped", time.time()),
+            "UPDATE workers SET owner = ?1, pid = NULL, heartbeat_at = ?2,"
+            " state = CASE WHEN ?1 IS NOT NULL THEN 'starting' WHEN state = 'failed' THEN 'failed' ELSE 'stopped' END,"
+            " detail = CASE WHEN ?1 IS NULL AND state = 'failed' THEN detail END WHERE name = ?3",
+            (owner, time.time(), name),
         )
 
-    def count_worker_restart(self) -> None:
-        self._con().execute("UPDATE worker SET restarts = restarts + 1 WHERE id = 1")
+    def count_worker_restart(self, name: str) -> None:
+        self._con().execute("UPDATE workers SET restarts = restarts + 1 WHERE name = ?", (name,))
 
     def heartbeat(self, owner: str, state: str, **info: object) -> bool:
-        """Record the worker's state (and pid, device, memory_*); False once the worker is fenced off."""
+        """Record a worker's state (and pid, device, memory_*); False once the worker is fenced off."""
         allowed = {"pid", "detail", "device", "memory_allocated", "memory_reserved", "memory_total"}
-        cols = "".join(f", {k} = :{k}" for k in info if k in allowed)
+        info = {k: redact_paths(v) if k == "detail" else v for k, v in info.items() if k in allowed}
+        cols = "".join(f", {k} = :{k}" for k in info)
         cur = self._con().execute(
-            f"UPDATE worker SET state = :state, heartbeat_at = :now{cols} WHERE id = 1 AND owner = :owner",
+            f"UPDATE workers SET state = :state, heartbeat_at = :now{cols} WHERE owner = :owner",
             {**info, "state": state, "now": time.time(), "owner": owner},
         )
         return cur.rowcount == 1
 
-    def worker_status(self) -> dict:
-        return dict(self._con().execute("SELECT * FROM worker WHERE id = 1").fetchone())
+    def workers(self) -> list[dict]:
+        return [dict(r) for r in self._con().execute("SELECT * FROM workers ORDER BY name").fetchall()]
 
     # -- worker process -----------------------------------------------------------------------------------
     def claim(self, owner: str) -> Job | None:
-        """Atomically take the oldest queued job, if ``owner`` is the registered worker."""
+        """Atomically take the oldest queued job, if ``owner`` is a registered worker token."""
         now = time.time()
         return self._one(
             "UPDATE jobs SET state = 'running', owner = ?1, attempts = attempts + 1, started_at = ?2,"
-            " updated_at = ?2, step = 0 WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq"
-            " LIMIT 1) AND (SELECT owner FROM worker WHERE id = 1) = ?1 RETURNING *",
+            " updated_at = ?2, step = 0, stage = 'starting', worker = (SELECT name FROM workers WHERE owner = ?1)"
+            " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1)"
+            " AND EXISTS (SELECT 1 FROM workers WHERE owner = ?1) RETURNING *",
             (owner, now),
         )
 
@@ -312,20 +312,24 @@ class JobStore:
 
     def start(self, job_id: str, owner: str, params: dict) -> None:
         """Record the parameters the worker resolved (the checkpoint's own defaults filled in)."""
-        self._update_running(
-            job_id,
-            owner,
-            "params = :params, steps = :steps",
-            {"params": json.dumps(params), "steps": params["steps"]},
-        )
+        sets = "params = :params, steps = :steps, stage = 'text_encoding'"
+        self._update_running(job_id, owner, sets, {"params": json.dumps(params), "steps": params["steps"]})
 
     def progress(
         self, job_id: str, owner: str, step: int, steps: int, expert: str, step_s: float, eta_s: float
     ) -> bool:
-        """Record step ``step`` of ``steps``; returns True when cancellation was requested."""
-        sets = "step = :step, steps = :steps, expert = :expert, step_seconds = :step_s, eta_seconds = :eta_s"
+        """Record step ``step`` of ``steps`` (after the last one the VAE decode starts: stage
+        ``decoding``); returns True when cancellation was requested."""
+        sets = "step = :step, steps = :steps, expert = :expert, step_seconds = :step_s, eta_seconds = :eta_s,"
+        sets += " stage = CASE WHEN :step >= :steps THEN 'decoding' ELSE 'denoising' END"
         args = {"step": step, "steps": steps, "expert": expert, "step_s": step_s, "eta_s": eta_s}
         return bool(self._update_running(job_id, owner, sets, args)["cancel_requested"])
+
+    def stage(self, job_id: str, owner: str, stage: str) -> bool:
+        """Record the stage of a running job; returns True when cancellation was requested."""
+        return bool(
+            self._update_running(job_id, owner, "stage = :stage", {"stage": stage})["cancel_requested"]
+        )
 
     def finish(
         self,
@@ -336,26 +340,35 @@ class JobStore:
         timings: dict | None = None,
         peak_memory_bytes: int | None = None,
         result: tuple[Path, Path] | None = None,
-    ) -> None:
-        """End a running job. ``result`` = (temporary file, final path) is renamed inside the transaction,
-        so the video appears exactly when the job becomes succeeded. Raises NotOwner if fenced off."""
+    ) -> str:
+        """End a running job; returns its final state. ``result`` = (temporary file, final path): the file
+        is fsynced, then renamed and its directory fsynced inside the transaction that marks the job
+        succeeded, so the video appears exactly when the job becomes succeeded, and survives a power cut
+        once it has. A cancellation requested before this commit wins: the job ends ``cancelled`` and the
+        video is discarded. Raises NotOwner if fenced off."""
         if state not in TERMINAL:
             raise ValueError(f"not a final state: {state!r}")
+        if result is not None:
+            _fsync(result[0])
+        now, late = time.time(), "cancelled by request after the last step; the video was discarded"
         try:
             with self._tx() as con:
                 row = con.execute(
-                    "UPDATE jobs SET state = ?, error = ?, timings = ?, peak_memory_bytes = ?, finished_at = ?,"
-                    " updated_at = ?, eta_seconds = NULL WHERE id = ? AND owner = ? AND state = 'running'"
-                    " RETURNING id",
-                    (state, error, json.dumps(timings) if timings else None, peak_memory_bytes,
-                     time.time(), time.time(), job_id, owner),
+                    "UPDATE jobs SET state = CASE WHEN cancel_requested AND ?1 = 'succeeded' THEN 'cancelled' ELSE ?1 END,"
+                    " error = CASE WHEN cancel_requested AND ?1 = 'succeeded' THEN ?2 ELSE ?3 END, timings = ?4,"
+                    " peak_memory_bytes = ?5, finished_at = ?6, updated_at = ?6, eta_seconds = NULL, stage = NULL"
+                    " WHERE id = ?7 AND owner = ?8 AND state = 'running' RETURNING state",
+                    (state, late, redact_paths(error), json.dumps(timings) if timings else None,
+                     peak_memory_bytes, now, job_id, owner),
                 ).fetchone()  # fmt: skip
                 if row is None:
                     raise NotOwner(f"job {job_id} is no longer owned by this worker")
-                if result is not None:
+                if result is not None and row["state"] == "succeeded":
                     # should COMMIT fail now, the job stays running: the restart rule re-queues it, and its
                     # re-run overwrites this same file
                     result[0].replace(result[1])
+                    _fsync(result[1].parent)
+            return row["state"]
         finally:
             if result is not None:
                 result[0].unlink(missing_ok=True)

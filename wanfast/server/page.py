@@ -1,8 +1,14 @@
-"""The web page served at ``/``: submit a prompt, watch the progress, play the video.
+"""The web page served at ``/`` (submit a prompt, watch the progress, play the video) and the API
+reference at ``/docs``.
 
-Inline (no static folder) so it ships inside the package with no package-data setup. It uses only the
-public API, same-origin; with an API key set, the browser asks for it once (HTTP Basic, any user name).
+Inline (no static folder) so it ships inside the package with no package-data setup, and nothing is
+loaded from another origin: the service works with no internet, under a content policy that allows only
+these pages' own inline script and style (``safety.security_headers``). The page uses only the public
+API, same-origin; with an API key set, the browser asks for it once (HTTP Basic, any user name).
 """
+
+import json
+from html import escape
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -66,7 +72,9 @@ function show(job) {
   if (job.state === "queued") detail = `position ${job.queue_position + 1} in the queue`;
   if (job.state === "running" && p.steps) {
     detail = `step ${p.step} of ${p.steps}`;
-    if (p.eta_seconds !== null) detail += ` · ETA ${p.eta_seconds.toFixed(1)} s`;
+    if (p.stage === "decoding") detail += " · decoding the video";
+    else if (p.stage === "writing") detail += " · writing the MP4";
+    else if (p.eta_seconds !== null) detail += ` · ETA ${p.eta_seconds.toFixed(1)} s`;
   }
   if (job.timings) detail = `${job.timings.total.toFixed(2)} s`;
   $("detail").textContent = detail;
@@ -130,3 +138,79 @@ refresh();
 </body>
 </html>
 """
+
+
+_DOCS_STYLE = """
+  body { font: 14px system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+  h2 { font-size: 16px; margin-top: 2rem; border-bottom: 1px solid #ccc; }
+  code { background: #f3f3f3; padding: 0 .2rem; }
+  table { border-collapse: collapse; margin: .3rem 0 1rem; }
+  td, th { text-align: left; padding: .15rem .6rem .15rem 0; vertical-align: top; border-bottom: 1px solid #eee; }
+  .m { font-weight: bold; }
+"""
+
+
+def _kind(schema: dict) -> str:
+    """A short type of a JSON schema: ``integer``, ``string | null``, ``one of "unipc", ...``."""
+    if "anyOf" in schema:
+        return " | ".join(_kind(s) for s in schema["anyOf"])
+    if "enum" in schema:
+        return "one of " + ", ".join(json_text(v) for v in schema["enum"])
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    return schema.get("type", "any")
+
+
+def json_text(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _limits(schema: dict) -> str:
+    marks = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<",
+             "minLength": "length >=", "maxLength": "length <=", "pattern": "matches"}  # fmt: skip
+    found = [f"{mark} {schema[key]}" for key, mark in marks.items() if key in schema]
+    for alt in schema.get("anyOf", []):
+        found += [f"{mark} {alt[key]}" for key, mark in marks.items() if key in alt]
+    return ", ".join(found)
+
+
+def _rows(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    out = "<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
+    for row in rows:
+        out += "<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>"
+    return out + "</table>"
+
+
+def docs_page(openapi: dict) -> str:
+    """The API reference, rendered on the server from the OpenAPI schema (also at ``/openapi.json``)."""
+    schemas = openapi.get("components", {}).get("schemas", {})
+    info = openapi.get("info", {})
+    parts = [f"<h1>{escape(info.get('title', ''))} {escape(info.get('version', ''))}</h1>",
+             f"<p>{escape(info.get('description', ''))}</p>",
+             '<p>The machine-readable schema: <a href="openapi.json"><code>/openapi.json</code></a>.</p>']  # fmt: skip
+    for path, methods in openapi.get("paths", {}).items():
+        for method, op in methods.items():
+            parts.append(
+                f'<h2><span class="m">{escape(method.upper())}</span> <code>{escape(path)}</code></h2>'
+            )
+            parts.append(f"<p>{escape(op.get('description') or op.get('summary', ''))}</p>")
+            params = [(p["name"], p["in"], _kind(p.get("schema", {})), _limits(p.get("schema", {})),
+                       "yes" if p.get("required") else "", p.get("description", ""))
+                      for p in op.get("parameters", [])]  # fmt: skip
+            if params:
+                parts.append(_rows(("parameter", "in", "type", "limits", "required", ""), params))
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            model = schemas.get(body.get("$ref", "").rsplit("/", 1)[-1], {})
+            if model:
+                required = set(model.get("required", []))
+                rows = [(name, _kind(f), _limits(f), json_text(f["default"]) if "default" in f else "",
+                         "yes" if name in required else "", f.get("description", ""))
+                        for name, f in model.get("properties", {}).items()]  # fmt: skip
+                parts.append("<p>JSON body (<code>Content-Type: application/json</code>):</p>")
+                parts.append(_rows(("field", "type", "limits", "default", "required", ""), rows))
+            codes = [(code, r.get("description", "")) for code, r in op.get("responses", {}).items()]
+            parts.append(_rows(("status", ""), codes))
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>wanfast API</title>'
+        f"<style>{_DOCS_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>"
+    )

@@ -1,36 +1,41 @@
 """Request and response models of the HTTP API.
 
-Two layers of validation: pydantic checks types and coarse ranges (and caps what one request may cost),
-then ``specs.resolve_params`` applies the model's rules (size multiple, frames per VAE stride, image or
-not), the same code the CLI and ``WanPipeline.params`` use, so the server and the CLI accept exactly the
-same requests. An image comes base64-encoded and is checked by ``wanfast.image.load_image`` at the door.
+Three layers of validation: pydantic checks types strictly (a JSON integer for an integer field, never
+``true``, ``"9"`` or ``1e3``; finite numbers only; ASCII digits in a size; text that UTF-8 can encode) and
+coarse ranges; ``specs.resolve_params`` applies the model's rules (size multiple, frames per VAE stride,
+image or not), the same code the CLI and ``WanPipeline.params`` use; then ``Limits`` caps what one request
+may cost on this server (pixels x frames, steps; and with a memory budget, what the budget holds). An image
+comes base64-encoded and is checked by ``wanfast.image.load_image`` at the door.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from wanfast.config import SOLVERS, ConfigError, SamplingParams
 from wanfast.server.jobs import Job
-from wanfast.specs import ModelSpec, resolve_params
+from wanfast.server.safety import lone_surrogate, redact_paths, utf8_safe
+from wanfast.specs import ModelSpec, SamplingDefaults, resolve_params
 
 MAX_SIDE = 4096  # pixels per side: a larger request cannot fit a GPU, refuse it before it queues
+LIMIT_FACTOR = 2.5  # default cost limits: this many times the model's default request
 
 
 class VideoRequest(BaseModel):
     """Sampling parameters, named as the ``wanfast generate`` options. Omitted ones take the model's
     defaults (for a checkpoint, its own expert boundary)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, description="the text prompt")
     negative_prompt: str | None = Field(None, description="default: the official negative prompt")
     size: str | None = Field(
-        None, pattern=r"^\d{1,5}x\d{1,5}$", description="WIDTHxHEIGHT", examples=["1280x720"]
+        None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WIDTHxHEIGHT", examples=["1280x720"]
     )
     frames: int | None = Field(None, ge=1, le=1001, description="frame count, 4n+1")
     steps: int | None = Field(None, ge=1, le=1000, description="sampling steps")
@@ -51,6 +56,42 @@ class VideoRequest(BaseModel):
         None, ge=0, le=10, description="lossy: skip DiT forwards below this input change (0: off)"
     )
     fps: int | None = Field(None, ge=1, le=120, description="frame rate of the MP4")
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _encodable(cls, text: str | None) -> str | None:
+        bad = lone_surrogate(text) if text is not None else None
+        if bad:  # stored, it would break every response that shows it
+            raise ValueError(
+                f"contains a lone UTF-16 surrogate ({bad}), which is not text; send valid Unicode"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost on this server: ``max_pixel_frames`` (width x height x frames: memory and
+    attention time grow with it) and ``max_steps`` (time)."""
+
+    max_pixel_frames: int
+    max_steps: int
+
+    @classmethod
+    def default(cls, d: SamplingDefaults) -> Limits:
+        """``LIMIT_FACTOR`` times the model's default request (1280x720 x 81 frames, 40 steps for A14B:
+        186,624,000 pixel-frames, e.g. 1920x1088 x 81, and 100 steps)."""
+        return cls(int(LIMIT_FACTOR * d.size[0] * d.size[1] * d.frames), int(LIMIT_FACTOR * d.steps))
+
+    def check(self, p: SamplingParams) -> None:
+        """Raises ValueError naming the limit that ``p`` passes."""
+        cost = p.width * p.height * p.frames
+        if cost > self.max_pixel_frames:
+            raise ValueError(
+                f"{p.width}x{p.height} x {p.frames} frames is {cost:,} pixel-frames; this server accepts at "
+                f"most {self.max_pixel_frames:,} per request (--max-pixel-frames)"
+            )
+        if p.steps > self.max_steps:
+            raise ValueError(f"steps {p.steps}: this server accepts at most {self.max_steps} (--max-steps)")
 
 
 def decode_image(data: str):
@@ -97,6 +138,9 @@ class Progress(BaseModel):
     expert: str | None = Field(description="the expert of the latest step: high_noise or low_noise")
     step_seconds: float | None = Field(description="mean seconds per step so far")
     eta_seconds: float | None = Field(description="remaining denoising time (VAE decode not included)")
+    stage: str | None = Field(
+        description="of a running job: starting, text_encoding, denoising, decoding (the VAE), writing"
+    )
 
 
 class VideoJob(BaseModel):
@@ -116,19 +160,22 @@ class VideoJob(BaseModel):
     cancel_requested: bool
     error: str | None
     note: str | None = Field(description="what a restart did to this job, if anything")
+    worker: str | None = Field(description="the pool worker that ran it (last), e.g. w0")
     content_url: str | None
 
     @classmethod
     def of(cls, job: Job, queue_position: int | None = None) -> VideoJob:
         done = job.step if job.state != "succeeded" else (job.steps or job.step)
         return cls(
-            **{k: getattr(job, k) for k in ("id", "state", "created_at", "started_at", "finished_at", "request",
-                                            "params", "timings", "peak_memory_bytes", "attempts",
-                                            "cancel_requested", "error", "note")},
+            **{k: getattr(job, k) for k in ("id", "state", "created_at", "started_at", "finished_at", "timings",
+                                            "peak_memory_bytes", "attempts", "cancel_requested", "note", "worker")},
+            # text a client sent (a job stored by an earlier version may hold what UTF-8 cannot encode)
+            request=utf8_safe(job.request), params=utf8_safe(job.params), error=redact_paths(job.error),
             queue_position=queue_position,
             progress=Progress(
                 step=done, steps=job.steps, fraction=done / job.steps if job.steps else 0.0, expert=job.expert,
                 step_seconds=job.step_seconds, eta_seconds=job.eta_seconds,
+                stage=job.stage if job.state == "running" else None,
             ),
             content_url=f"/v1/videos/{job.id}/content" if job.state == "succeeded" else None,
         )  # fmt: skip
@@ -139,7 +186,19 @@ class VideoList(BaseModel):
     total: int = Field(description="jobs matching the filter, all pages")
 
 
+class WorkerHealth(BaseModel):
+    name: str = Field(description="w0, w1, ...")
+    gpus: str = Field(description="the CUDA devices it owns, e.g. 0 or 2,3; empty on the CPU")
+    state: str = Field(description="starting, loading, ready, busy, failed or stopped")
+    up: bool = Field(description="ready or busy, with a recent heartbeat")
+    device: str | None
+    restarts: int
+    detail: str | None = Field(None, description="why it failed")
+
+
 class Health(BaseModel):
-    status: Literal["ok", "starting", "degraded"]
-    worker: str = Field(description="starting, loading, ready, busy, failed or stopped")
-    detail: str | None = None
+    status: Literal["ok", "degraded", "starting", "down"] = Field(
+        description="ok: every worker is up; degraded: some are (200); starting: none yet; down: none (503)"
+    )
+    workers_up: int
+    workers: list[WorkerHealth]

@@ -5,6 +5,7 @@ Every wait here is bounded in time; the server only ever binds 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -33,14 +34,14 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def wait_job(client, job_id: str, until, timeout: float = 60.0) -> dict:
+def wait_job(client, job_id: str, until, timeout: float = 60.0, interval: float = 0.1) -> dict:
     """Poll ``GET /v1/videos/{id}`` until ``until(job)`` holds; returns that job."""
 
     def check():
         job = client.get(f"/v1/videos/{job_id}").raise_for_status().json()
         return job if until(job) else None
 
-    return wait_for(check, timeout, f"job {job_id} to reach the expected state", interval=0.1)
+    return wait_for(check, timeout, f"job {job_id} to reach the expected state", interval=interval)
 
 
 def wait_final(client, job_id: str, timeout: float = 60.0) -> dict:
@@ -76,7 +77,7 @@ class ServerProcess:
         return f"http://{HOST}:{self.port}"
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
-        """Start and wait until ``/health`` says the worker has its model loaded."""
+        """Start and wait until ``/health`` says every worker has its model loaded."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k != "WANFAST_API_KEY"}
@@ -97,7 +98,8 @@ class ServerProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.log()}")
         try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+            r = httpx.get(f"{self.url}/health", timeout=2)
+            return r.status_code == 200 and r.json()["status"] == "ok"
         except httpx.TransportError:
             return False
 
@@ -111,22 +113,38 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 
-    def worker_pids(self) -> list[int]:
-        """Live worker processes started for this data directory (by any server run)."""
-        pids = []
+    def workers(self) -> dict[tuple[str, int], int]:
+        """Live worker processes started for this data directory (by any server run): (worker name, rank)
+        -> pid."""
+        found = {}
         for entry in Path("/proc").iterdir():
             try:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
                 stat = (entry / "stat").read_text()
             except (OSError, ValueError):
                 continue  # not a process, or gone meanwhile
-            zombie = stat.rpartition(")")[2].split()[0] == "Z"
-            if b"wanfast.server.worker" in cmdline and str(self.data_dir.resolve()).encode() in b" ".join(
-                cmdline
-            ):
-                if not zombie:
-                    pids.append(int(entry.name))
-        return pids
+            if stat.rpartition(")")[2].split()[0] == "Z" or b"wanfast.server.worker" not in cmdline:
+                continue
+            try:
+                cfg, slot = (
+                    json.loads(a) for a in cmdline[cmdline.index(b"wanfast.server.worker") + 1 :][:2]
+                )
+            except (ValueError, IndexError):
+                continue
+            if Path(cfg["data_dir"]) == self.data_dir.resolve():
+                found[(slot["name"], slot["rank"])] = int(entry.name)
+        return found
+
+    def worker_pids(self) -> list[int]:
+        return sorted(self.workers().values())
+
+    def run_to_exit(self, timeout: float = 120.0) -> tuple[int, str]:
+        """Start ``serve`` expecting it to refuse: (exit code, its output)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "wanfast", "serve", "--model", "tiny", "--host", HOST, "--port",
+               str(free_port()), "--data-dir", str(self.data_dir), *self.extra_args]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr
 
     def kill(self) -> None:
         """SIGKILL: no handler, no cleanup; the worker must notice on its own."""

@@ -1,10 +1,12 @@
-"""The worker process: the only process that touches the device. It loads the pipeline once, keeps it
+"""A worker process: the only kind of process that touches a device. It loads the pipeline once, keeps it
 warm, and runs queued jobs one at a time from the job store.
 
-The web process starts it (``python -m wanfast.server.worker CONFIG``) and watches it with
-``WorkerSupervisor``: when it dies, the restart rule of ``wanfast.server.jobs`` is applied to its job
-and a new worker is started. The worker exits as soon as its parent does (its stdin reaches EOF), so a
-killed server leaves no process holding the GPU.
+``wanfast.server.pool`` starts it (``python -m wanfast.server.worker CONFIG SLOT``: the engine config of
+``server.cli.worker_config`` and the slot's token, name, rank and world size as JSON) and watches it: the
+worker writes a heartbeat line to its stdout every ``HEARTBEAT_SECONDS`` (its prints go to stderr), and
+exits as soon as its parent does (its stdin reaches EOF), so a killed server leaves no process holding a
+GPU. A worker of K ranks (a slot of K GPUs) splits every video over them: rank 0 claims the job and
+broadcasts it, every rank runs it, rank 0 writes the result; the cancel flag is broadcast after each step.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import sqlite3
 import sys
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,68 +34,14 @@ class Cancelled(Exception):
         super().__init__(f"cancelled by request at step {step} of {steps}")
 
 
-# -- parent side: start, watch, restart, stop -------------------------------------------------------------
-class WorkerSupervisor:
-    """Runs the worker process in a thread of the web process; restarts it (with backoff) if it dies."""
-
-    def __init__(self, store: JobStore, config: dict, results_dir: Path) -> None:
-        self.store, self.config, self.results_dir = store, config, results_dir
-        self._stop = threading.Event()
-        self._proc: subprocess.Popen | None = None
-        self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _spawn(self) -> subprocess.Popen:
-        owner = uuid.uuid4().hex
-        self.store.register_worker(owner)  # fences off any earlier worker before this one exists
-        cfg = json.dumps({**self.config, "owner": owner})
-        # own session: a Ctrl-C in the terminal reaches the server, which then stops the worker itself
-        return subprocess.Popen(
-            [sys.executable, "-m", "wanfast.server.worker", cfg],
-            stdin=subprocess.PIPE,
-            start_new_session=True,
-        )
-
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._proc = self._spawn()
-                code = self._proc.wait()
-                if self._stop.is_set():
-                    break
-                self.store.register_worker(None)
-                changed = self.store.recover(self.results_dir, f"worker process exited with code {code}")
-                self.store.count_worker_restart()
-                log.error("worker exited with code %s; restart rule applied to %s", code, changed or "no job")
-            except Exception:  # this thread must outlive any error: it is the only one that restarts workers
-                log.exception("could not run the worker process")
-            failures = failures + 1 if time.monotonic() - started < 60 else 1
-            self._stop.wait(min(2.0 ** (failures - 1), 60.0))  # a worker that cannot even load must not spin
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker (closing its stdin ends it) and re-queue its job without counting an attempt."""
-        self._stop.set()
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.stdin.close()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._thread.join(timeout)
-        self.store.register_worker(None)
-        self.store.recover(self.results_dir, "server stopped", count_attempt=False)
+def _heartbeat_fd() -> int:
+    """The pipe the pool reads heartbeats from (our stdout); stdout itself then goes to stderr, so no
+    print of any library can be taken for a heartbeat or block on a full pipe."""
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    return fd
 
 
-# -- child side -------------------------------------------------------------------------------------------
 def _exit_with_parent() -> None:
     """End this process at once when the server dies: its end of our stdin pipe closes then."""
 
@@ -106,22 +53,40 @@ def _exit_with_parent() -> None:
 
 
 def worker_settings(cfg: dict):
-    """The worker's ``EngineSettings`` from its JSON config (``server.cli.worker_config``)."""
+    """The worker's resolved ``EngineSettings``: the serialised ones of its JSON config
+    (``server.cli.worker_config``), with what the pool sets per process: this rank's ``device`` and a slot's
+    split over its GPUs (``cfg_parallel`` / ``ulysses``, ``server.pool.slot_split``)."""
+    from dataclasses import replace
+
     from wanfast.config import EngineSettings
 
-    return EngineSettings.from_json(cfg["settings"]).resolved()
+    settings = EngineSettings.from_json(cfg["settings"])
+    own = {k: cfg[k] for k in ("device", "cfg_parallel", "ulysses") if cfg.get(k) is not None}
+    return replace(settings, **own).resolved()
 
 
-def _load(cfg: dict):
+def _build(cfg: dict):
+    """The pipeline through the builder: the model source of the config (a checkpoint folder or a tiny
+    model's name), or with ``cfg["synthetic"]`` (a spec name) random weights at that model's dimensions,
+    built on the device (``tools.synthetic``: benchmarks time the real architecture through the pool
+    without a checkpoint)."""
     import torch
-
-    from wanfast.builder import build_pipeline
 
     settings = worker_settings(cfg)
     if torch.device(settings.device).type == "cpu":
         # leave a core to the web process: an oversubscribed OpenMP pool slows each step many times over
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    return build_pipeline(cfg["source"], settings)  # a memory budget picks the mode (logged)
+    if not cfg.get("synthetic"):
+        from wanfast.builder import build_pipeline
+
+        return build_pipeline(cfg["source"], settings)  # a memory budget picks the mode (logged)
+    from wanfast.builder import plan
+    from wanfast.specs import get_spec
+    from wanfast.tools.synthetic import random_pipeline
+
+    settings = plan(cfg["synthetic"], settings).settings  # attention checked, split and memory mode settled
+    return random_pipeline(get_spec(cfg["synthetic"]), settings.device, settings.dtype, settings.vae_dtype,
+                           settings=settings)  # fmt: skip
 
 
 def _memory(device) -> dict:
@@ -138,31 +103,36 @@ def _memory(device) -> dict:
 
 def _end(store: JobStore, job: Job, owner: str, state: str, **details) -> str:
     try:
-        store.finish(job.id, owner, state, **details)
-        return state
+        return store.finish(job.id, owner, state, **details)
     except NotOwner:
         log.warning("job %s was taken from this worker (a restart re-queued it); dropping it", job.id)
         return ""
 
 
-def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path) -> str:
-    """Run one claimed job to a final state; returns that state ('' if the job was taken away)."""
+def _params(pipe, job: Job):
+    """The job's ``SamplingParams`` with the loaded model's rules, its frame rate and its image (a
+    ``PIL.Image``, or None). Raises ``ConfigError`` (``FileNotFoundError`` for a vanished image)."""
+    request = dict(job.request)
+    fps = request.pop("fps", None) or pipe.defaults.fps
+    image_path = request.pop("image", None)
+    image = None
+    if image_path is not None:
+        from wanfast.image import load_image
+
+        image = load_image(image_path, "the job's image")
+    return pipe.params(request.pop("prompt"), image, **request), fps, image
+
+
+def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync=None) -> str:
+    """Run one claimed job to a final state; returns that state ('' if the job was taken away).
+    ``sync(flag) -> flag``: rank 0's half of a split worker's per-step broadcast (None: one process)."""
     from wanfast.config import ConfigError
     from wanfast.video import write_mp4
 
-    request = dict(job.request)
-    fps = request.pop("fps", None) or pipe.defaults.fps
-    size = request.pop("size", None)
-    image_path = request.pop("image", None)
     tmp = results_dir / f"{job.id}.tmp.mp4"
     try:
         try:  # the pipeline's own rules, shared with the CLI (the web process checked them already)
-            image = None
-            if image_path is not None:
-                from wanfast.image import load_image
-
-                image = load_image(image_path, "the job's image")
-            params = pipe.params(request.pop("prompt"), image, size=tuple(size) if size else None, **request)
+            params, fps, image = _params(pipe, job)
         except (ConfigError, FileNotFoundError) as e:
             return _end(store, job, owner, "failed", error=str(e))
         store.start(job.id, owner, asdict(params))
@@ -175,10 +145,24 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path) -> s
                 first[0] = now
             # mean step time: step 0 alone includes text encoding, later ones are measured from step 0
             step_s = (now - first[0]) / i if i else now - t0
-            if store.progress(job.id, owner, i + 1, n, expert, step_s, step_s * (n - i - 1)):
+            try:
+                flag = int(store.progress(job.id, owner, i + 1, n, expert, step_s, step_s * (n - i - 1)))
+            except NotOwner:
+                flag = 2
+            except sqlite3.Error as e:  # a busy store: this step's progress is not shown, the job goes on
+                log.warning("job %s: progress not recorded: %s", job.id, e)
+                flag = 0
+            flag = sync(flag) if sync is not None else flag
+            if flag == 1:
                 raise Cancelled(i + 1, n)
+            if flag == 2:
+                raise NotOwner(f"job {job.id} is no longer owned by this worker")
 
         result = pipe.run(params, progress, image=image)
+        try:
+            store.stage(job.id, owner, "writing")
+        except sqlite3.Error as e:
+            log.warning("job %s: stage not recorded: %s", job.id, e)
         t_write = time.monotonic()
         write_mp4(result.frames, tmp, fps=fps)
         timings = {
@@ -197,50 +181,139 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path) -> s
         return ""
     except Exception as e:  # a failed job must not take the warm worker down with it
         log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-        return _end(store, job, owner, "failed", error=f"{type(e).__name__}: {e}")
+        state = _end(store, job, owner, "failed", error=f"{type(e).__name__}: {e}")
+        if sync is not None:  # the other ranks may be waiting in a collective: the slot restarts
+            raise
+        return state
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def follow_job(pipe, job: Job, sync) -> None:
+    """A rank > 0 of a split worker: run the job rank 0 broadcast, stopping when its flag says so."""
+    from wanfast.config import ConfigError
+
+    try:
+        params, _, image = _params(pipe, job)
+    except (ConfigError, FileNotFoundError):
+        return  # rank 0 failed it for the same reason
+
+    def progress(i: int, n: int, expert: str) -> None:
+        if sync(0):
+            raise Cancelled(i + 1, n)
+
+    try:
+        pipe.run(params, progress, image=image)
+    except Cancelled:
+        pass
+
+
+def _device(cfg: dict, rank: int, world: int) -> str:
+    import torch
+
+    device = cfg["settings"].get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return f"cuda:{rank}" if world > 1 and torch.device(device).type == "cuda" else device
+
+
+def _control_group(world: int):
+    """(broadcast of a Python object from rank 0, its group) for a split worker; (None, None) alone. A gloo
+    group of its own: control messages never touch the GPUs, and an idle rank may wait in it for days."""
+    if world == 1:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from wanfast.parallel import init_distributed
+
+    init_distributed()
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
+    return broadcast
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = json.loads((argv or sys.argv[1:])[0])
-    owner, results_dir = cfg["owner"], Path(cfg["data_dir"]) / "results"
-    store = JobStore(Path(cfg["data_dir"]) / "jobs.db")
+    args = argv or sys.argv[1:]
+    cfg, slot = json.loads(args[0]), json.loads(args[1])
+    beat_fd = _heartbeat_fd()
     _exit_with_parent()
-    store.heartbeat(owner, "loading", pid=os.getpid())
-    try:
-        pipe = _load(cfg)
-    except Exception as e:
-        store.heartbeat(owner, "failed", detail=f"model load failed: {type(e).__name__}: {e}")
-        raise
-    state = {"name": "ready"}
-    detail = f"{pipe.spec.name} ({cfg['source']})"
-    if pipe.settings.offload:
-        detail += f" (--offload {pipe.settings.offload})"
-    info = {"device": str(pipe.device), "detail": detail}
-
-    def beat(name: str) -> None:
-        state["name"] = name
-        if not store.heartbeat(owner, name, **info, **_memory(pipe.device)):
-            os._exit(0)  # fenced off: a newer worker owns the queue
+    owner, rank, world = slot["owner"], slot["rank"], slot["world"]
+    data_dir = Path(cfg["data_dir"])
+    results_dir = data_dir / "results"
+    store = JobStore(data_dir / "jobs.db") if rank == 0 else None
+    state, info, device = {"name": "loading"}, {"pid": os.getpid()}, [None]
 
     def heartbeat() -> None:  # in a thread: a long step must not make the worker look dead
         while True:
-            beat(state["name"])
+            try:
+                os.write(beat_fd, b".\n")
+            except OSError:
+                os._exit(0)  # the pool is gone
+            if store is not None:
+                try:
+                    memory = _memory(device[0]) if device[0] is not None else {}
+                    if not store.heartbeat(owner, state["name"], **info, **memory):
+                        os._exit(0)  # fenced off: a newer worker owns this slot
+                except sqlite3.Error as e:  # the pipe says this process lives; the store may be busy
+                    log.warning("heartbeat not recorded: %s", e)
             time.sleep(HEARTBEAT_SECONDS)
 
+    def set_state(name: str) -> None:  # recorded now, not at the next beat: /health shows busy at once
+        state["name"] = name
+        try:
+            store.heartbeat(owner, name)
+        except sqlite3.Error as e:
+            log.warning("state not recorded: %s", e)
+
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
-    log.info("worker ready: %s on %s", info["detail"], info["device"])
+    broadcast = _control_group(world)
+    own = {**cfg, "device": _device(cfg, rank, world)}
+    own["data_dir"] = str(data_dir / "workers" / slot["name"] / f"rank{rank}")  # _load's tiny checkpoint
+    try:
+        pipe = _build(own)
+    except Exception as e:
+        if store is not None:
+            try:
+                store.heartbeat(owner, "failed", detail=f"model load failed: {type(e).__name__}: {e}")
+            except sqlite3.Error:
+                pass  # the traceback below says it all the same
+        raise
+    if pipe.device.type == "cpu":
+        import torch
+
+        torch.set_num_threads(slot.get("threads", 1))  # the pool's share of the cores for this process
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    name = f"cuda:{visible}" if pipe.device.type == "cuda" and visible else str(pipe.device)
+    detail = pipe.spec.name + ("" if cfg.get("synthetic") else f" ({Path(str(cfg['source'])).name})")
+    if pipe.settings.offload:
+        detail += f" (--offload {pipe.settings.offload})"
+    info.update(device=name + (f" x{world}" if world > 1 else ""), detail=detail)
+    device[0], state["name"] = pipe.device, "ready"
+    log.info("worker %s rank %d ready: %s on %s", slot["name"], rank, detail, name)
+    if rank > 0:
+        while True:
+            follow_job(pipe, broadcast(None), broadcast)
     while True:
-        job = store.claim(owner)
+        try:
+            job = store.claim(owner)
+        except sqlite3.Error as e:  # a busy store must not end an idle worker
+            log.warning("claim failed: %s", e)
+            job = None
         if job is None:
             time.sleep(POLL_SECONDS)
             continue
-        beat("busy")
-        final = run_job(pipe, store, job, owner, results_dir)
+        if broadcast is not None:
+            broadcast(job)
+        set_state("busy")
+        final = run_job(pipe, store, job, owner, results_dir, broadcast)
         log.info("job %s: %s", job.id, final or "dropped")
-        beat("ready")
+        set_state("ready")
         if final == "failed" and pipe.device.type == "cuda":
             import torch
 

@@ -99,11 +99,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     vae_dtype = parse_dtype(args.vae_dtype) if args.vae_dtype else dtype
     sizes = args.sizes or [preset.defaults.size, *([(1280, 720)] if args.model == "t2v-A14B" else [])]
-    overrides = dict(frames=args.frames, steps=args.steps, seed=args.seed, sampling_preset=args.sampling_preset)
+    overrides = dict(
+        frames=args.frames, steps=args.steps, seed=args.seed, sampling_preset=args.sampling_preset
+    )
     params = {  # SamplingParams validates every size, the frame count and the step count
         # I2V: an image of that size (its area and aspect ratio give that size back)
-        f"{w}x{h}": resolve_params(preset, PROMPT, image_size=(w, h) if preset.image == "required" else None,
-                                   width=w, height=h, **overrides)
+        f"{w}x{h}": resolve_params(
+            preset,
+            PROMPT,
+            image_size=(w, h) if preset.image == "required" else None,
+            width=w,
+            height=h,
+            **overrides,
+        )
         for w, h in sizes
     }
     base = EngineSettings(
@@ -339,7 +347,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.set_defaults(func=bench_main)
     add = p.add_argument
     add("--sampling-preset", default=None, metavar="NAME", help="e.g. lightning-4step (wanfast.presets)")
-    add("--model", choices=list(SPECS), default="t2v-A14B", help="the model whose dimensions are timed (tiny*: CPU-sized test models)")
+    add(
+        "--model",
+        choices=list(SPECS),
+        default="t2v-A14B",
+        help="the model whose dimensions are timed (tiny*: CPU-sized test models)",
+    )
     add("--sizes", type=_sizes, help="WxH,... (default: 832x480,1280x720 for A14B, 64x48 for tiny)")
     add("--frames", type=int, help="frames, 4n+1 (default: the preset's, 81)")
     add("--what", type=_names(WHATS), default=list(WHATS), help=f"any of {','.join(WHATS)} (default: all)")

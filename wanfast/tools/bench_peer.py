@@ -208,7 +208,9 @@ class WanfastSide(_Side):
     def generate(self, pipe, params: SamplingParams, clock: Clock) -> dict:
         stamps: list[float] = []
         image = None
-        if self.preset.image == "required":  # I2V: a random image of the output size (its content is not timed)
+        if (
+            self.preset.image == "required"
+        ):  # I2V: a random image of the output size (its content is not timed)
             import numpy as np
             from PIL import Image
 

@@ -98,7 +98,9 @@ def random_pipeline(
     settings = replace(settings or EngineSettings(), device=device, dtype=dtype, vae_dtype=vae_dtype)
     # with a memory mode the experts start in CPU memory and apply_offload places them (as builder.build)
     expert_device = "cpu" if settings.offload else device
-    experts = {name: random_dit(spec, expert_device, dtype, seed + i + 1) for i, name in enumerate(spec.experts)}
+    experts = {
+        name: random_dit(spec, expert_device, dtype, seed + i + 1) for i, name in enumerate(spec.experts)
+    }
     return assemble(
         spec,
         random_text_encoder(spec, settings.text_encoder_device or device, dtype, seed + 3),  # --t5-cpu
