@@ -39,3 +39,35 @@ def run_in_triton_interpreter(code: str) -> str:
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
+
+
+def diffusers_unipc(steps: int, shift: float):
+    """Diffusers' UniPC scheduler (the official solver settings) that runs the official sigmas of
+    ``make_solver("unipc", steps, shift)``: its own flow schedule differs (see solvers/schedule.py), so the
+    sigmas are injected into ``set_timesteps``. The Diffusers oracle tests' scheduler."""
+    import diffusers
+
+    from wanfast.solvers import make_solver
+
+    solver = make_solver("unipc", steps, shift)
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, solver_order=2,
+        predict_x0=True, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero",
+    )  # fmt: skip
+    set_timesteps = scheduler.set_timesteps
+    scheduler.set_timesteps = lambda n, device=None, **kw: set_timesteps(
+        sigmas=solver.sigmas[:-1].double().numpy(), device=device
+    )
+    return scheduler
+
+
+def prompt_embeds(pipe, params) -> dict[str, torch.Tensor]:
+    """The request's two prompts encoded by ``pipe``'s text encoder and zero-padded to the DiT's text
+    length [1, text_len, D], as Diffusers' ``prompt_embeds`` / ``negative_prompt_embeds`` arguments."""
+    text_len = next(iter(pipe.experts.values())).cfg.text_len
+    ctx, ctx_null = pipe.text_encoder.encode([params.prompt, params.negative_prompt])
+
+    def pad(e: torch.Tensor) -> torch.Tensor:
+        return torch.cat([e, e.new_zeros(text_len - e.shape[0], e.shape[1])])[None]
+
+    return {"prompt_embeds": pad(ctx), "negative_prompt_embeds": pad(ctx_null)}

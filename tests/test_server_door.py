@@ -12,15 +12,16 @@ import sqlite3
 import pytest
 from fastapi.testclient import TestClient
 
-from wanfast.config import PRESETS, ConfigError
+from wanfast.config import ConfigError
 from wanfast.server.app import ServerSettings, create_app
 from wanfast.server.jobdb import _SCHEMA
 from wanfast.server.jobs import JobStore, open_store
 from wanfast.server.pool import Slot, parse_gpus, plan_slots, slot_split
 from wanfast.server.safety import default_allowed_hosts, host_allowed, redact_paths, utf8_safe
 from wanfast.server.schemas import Limits, VideoJob
+from wanfast.specs import SPECS, resolve_params
 
-TINY = PRESETS["tiny"].defaults
+TINY = SPECS["tiny"].defaults
 
 
 @pytest.fixture
@@ -28,24 +29,23 @@ def app_client(tmp_path):
     store = JobStore(tmp_path / "jobs.db")
     store.reset_workers(["w0"])
     settings = ServerSettings(
-        results_dir=tmp_path, defaults=TINY, allowed_hosts=default_allowed_hosts("127.0.0.1")
+        results_dir=tmp_path, spec=SPECS["tiny"], allowed_hosts=default_allowed_hosts("127.0.0.1")
     )
     with TestClient(create_app(store, settings), base_url="http://127.0.0.1:8000") as client:
         yield client, store
 
 
 def test_limits_default_to_two_and_a_half_times_the_default_request():
-    a14b = Limits.default(PRESETS["t2v-A14B"].defaults)
+    a14b = Limits.default(SPECS["t2v-A14B"].defaults)
     assert (a14b.max_pixel_frames, a14b.max_steps) == (186_624_000, 100)  # 2.5 x 1280x720x81, 2.5 x 40
-    fits = PRESETS["t2v-A14B"].defaults
-    from wanfast.config import SamplingParams
+    fits = SPECS["t2v-A14B"]
 
-    a14b.check(SamplingParams.from_defaults(fits, "x", width=1920, height=1088))  # 1080p, 81 frames
+    a14b.check(resolve_params(fits, "x", width=1920, height=1088))  # 1080p, 81 frames
     with pytest.raises(ValueError, match=r"4096x4096 x 1001 frames is 16,793,993,216 pixel-frames; this server "
                        r"accepts at most 186,624,000 per request \(--max-pixel-frames\)"):  # fmt: skip
-        a14b.check(SamplingParams.from_defaults(fits, "x", width=4096, height=4096, frames=1001))
+        a14b.check(resolve_params(fits, "x", width=4096, height=4096, frames=1001))
     with pytest.raises(ValueError, match=r"steps 1000: this server accepts at most 100 \(--max-steps\)"):
-        a14b.check(SamplingParams.from_defaults(fits, "x", steps=1000))
+        a14b.check(resolve_params(fits, "x", steps=1000))
 
 
 def test_every_response_has_the_security_headers_and_docs_load_nothing_from_outside(app_client):

@@ -167,7 +167,6 @@ def test_generate_prompts_file_on_two_workers_equals_one_process(tmp_path):
     import torch
 
     from wanfast.api import tiny_pipeline
-    from wanfast.config import SamplingParams
     from wanfast.video import read_mp4, write_mp4
 
     lines = [{"prompt": "a fox", "seed": 1, "frames": 5, "steps": 2},
@@ -184,12 +183,12 @@ def test_generate_prompts_file_on_two_workers_equals_one_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // 2))  # the pool's share per worker
     try:
-        pipe = tiny_pipeline("cpu", workdir=tmp_path / "tiny")
+        pipe = tiny_pipeline("cpu")
         for i, (line, out) in enumerate(zip(lines, ["out_0.mp4", "out_1.mp4", "dog.mp4"], strict=True)):
             over = {k: v for k, v in line.items() if k not in ("prompt", "fps", "output", "size")}
             if "size" in line:
                 over["width"], over["height"] = map(int, line["size"].split("x"))
-            result = pipe.run(SamplingParams.from_defaults(pipe.defaults, line["prompt"], **over))
+            result = pipe.run(pipe.params(line["prompt"], **over))
             write_mp4(result.frames, tmp_path / f"ref_{i}.mp4", fps=line.get("fps", 16))
             (got, fps), (want, want_fps) = read_mp4(tmp_path / out), read_mp4(tmp_path / f"ref_{i}.mp4")
             assert fps == want_fps and got.shape == want.shape and (got == want).all(), line
