@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,3 +72,19 @@ def prompt_embeds(pipe, params) -> dict[str, torch.Tensor]:
         return torch.cat([e, e.new_zeros(text_len - e.shape[0], e.shape[1])])[None]
 
     return {"prompt_embeds": pad(ctx), "negative_prompt_embeds": pad(ctx_null)}
+
+
+def sample_image(w: int = 97, h: int = 61):
+    """A deterministic non-square RGB image: gradients plus noise, so a crop off by a pixel shows."""
+    y, x = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(0).integers(0, 60, size=(h, w, 3))
+    rgb = np.stack([x * 255 // w, y * 255 // h, (x + y) * 3 % 256], -1) * 0.75 + noise
+    from PIL import Image
+
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def to_unit_range(img) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] in [-1, 1], as torchvision's ``to_tensor(img).sub(0.5).div(0.5)``."""
+    a = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+    return (a - 0.5) / 0.5
