@@ -70,7 +70,12 @@ def test_end_to_end_with_the_diffusers_peer(with_peer):
     for r in rows(report, impl="wanfast"):  # every wanfast row has its Diffusers counterpart
         assert r["vs_diffusers"] > 0, r
     gen = rows(report, engine="default", what="generate", kind="measured")[0]
-    assert gen["steps"] == 2 and set(gen["stages_s"]) == {"text_encoding", "denoise", "vae_decode"}
+    assert gen["steps"] == 2 and set(gen["stages_s"]) == {
+        "text_encoding",
+        "conditioning",
+        "denoise",
+        "vae_decode",
+    }
     assert len(gen["step_times_s"]) == 2 and gen["steps_per_expert"] == {"high_noise": 1, "low_noise": 1}
     assert rows(report, engine="diffusers", what="generate", kind="measured")[0]["step_times_s"]
 

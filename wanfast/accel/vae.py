@@ -361,6 +361,12 @@ def _decode_flags(opts: VAEDecodeOptions) -> Iterator[None]:
 class FastWanVAE(WanVAE):
     decode_options: VAEDecodeOptions
 
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``WanVAE.encode`` with the plain modules, under ``cudnn_benchmark`` (cuDNN times its conv
+        algorithms once per shape: the I2V / TI2V image encode); nothing else changes (exact on the CPU)."""
+        with _decode_flags(replace(self.decode_options, fused_norm=None)):
+            return super().encode(video)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """As ``WanVAE.decode`` (normalised latents -> fp32 video in [-1, 1]), with ``decode_options``."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:

@@ -221,7 +221,7 @@ class WanfastSide(_Side):
         between = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
         steps = [t["denoise"] - sum(between), *between]  # no stamp before step 1: the rest of the stage
         return {"seconds": t["total"], "peak_memory_bytes": res.peak_memory_bytes, "step_times_s": steps,
-                "stages_s": {k: t[k] for k in ("text_encoding", "denoise", "vae_decode")},
+                "stages_s": {k: t[k] for k in ("text_encoding", "conditioning", "denoise", "vae_decode")},
                 "steps_per_expert": res.steps_per_expert, "latents": res.latents}  # fmt: skip
 
 
