@@ -64,8 +64,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                      help="pick the fastest memory mode (resident, expert, blocks) whose estimate fits GIB, "
                      "and cap the process's GPU memory at it")  # fmt: skip
-    mem.add_argument("--lora-high-noise", "--lora", default=None, metavar="FILE",
-                     help="LoRA for the high-noise expert (--lora: of a one-DiT model)")  # fmt: skip
+    mem.add_argument("--lora-high-noise", default=None, metavar="FILE",
+                     help="LoRA for the high-noise expert (of a one-DiT model: its DiT)")  # fmt: skip
     mem.add_argument("--lora-low-noise", default=None, metavar="FILE", help="LoRA for the low-noise expert")
     mem.add_argument("--lora-strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
     mem.add_argument("--lora-separate", action="store_true", help="keep LoRA unmerged (switchable)")
