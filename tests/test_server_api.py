@@ -130,7 +130,7 @@ def test_bad_inputs_get_clear_4xx_and_leave_the_running_job_alone(server, client
         ({"prompt": "x", "size": "100x100"}, 422, "width must be a positive multiple of 16"),
         ({"prompt": "x", "size": "big"}, 422, "size: String should match pattern"),
         ({"prompt": "x", "frames": 10}, 422, "frames must be 4n+1"),
-        ({"prompt": "x", "steps": -3}, 422, "steps: Input should be greater than or equal to 1"),
+        ({"prompt": "x", "steps": -3}, 422, "steps must be an integer >= 1, got -3"),
         ({"prompt": "x", "steps": "many"}, 422, "steps: Input should be a valid integer"),
         ({"prompt": "x" * 2001}, 422, "prompt has 2001 characters; this server accepts at most 2000"),
         ({"prompt": ""}, 422, "prompt: String should have at least 1 character"),

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from wanfast.config import ConfigError, SamplingParams
 
 _STR, _INT, _NUM = (str,), (int,), (int, float)
@@ -187,6 +185,8 @@ def run_batch(
             failed.append(item.line)
             say(f"{head}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             if pipe.device.type == "cuda":
+                import torch
+
                 torch.cuda.empty_cache()
             continue
         p, t = result.params, result.timings

@@ -116,7 +116,9 @@ def plan(
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"LoRA file not found: {path}")
         if not spec.two_experts and settings.lora_low_noise:
-            raise ConfigError(f"{spec.name} has one DiT: give its LoRA as the high-noise one (--lora-high-noise)")
+            raise ConfigError(
+                f"{spec.name} has one DiT: give its LoRA as the high-noise one (--lora-high-noise)"
+            )
     d = spec.defaults
     settings, why = plan_memory(settings, spec, sizes or [(*d.size, d.frames)], fp8)
     return BuildPlan(spec, paths, settings, why, fp8, seed)

@@ -87,18 +87,33 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                       help="with --prompts-file: N worker processes without --gpus (e.g. on the CPU)")  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanfast", description="Fast Wan2.2 text-to-video inference")
+# Subcommands registered by their own modules, with the help line `wanfast --help` shows without importing
+# them (bench and compare pull in torch and plotting code).
+_TOOLS = {
+    "bench": ("wanfast.tools.bench", "time the engine against Diffusers on random weights"),
+    "quantize": ("wanfast.tools.quantize", "write an FP8 (e4m3) copy of a checkpoint's DiT experts (lossy)"),
+    "compare": ("wanfast.tools.compare", "PSNR / SSIM of video A against reference B (or two latent files)"),
+    "serve": ("wanfast.server.cli", "run the HTTP service (see docs/server.md)"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``argv``, only the subcommand it names is built for real (the others are a
+    help line each), so `wanfast --help` and `wanfast generate ...` import none of the tools."""
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="wanfast", description="Fast Wan2.2 video generation (text / image to video)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    from wanfast.server import cli as server_cli
-    from wanfast.tools import bench, compare, quantize
-
-    bench.register(sub)
-    quantize.register(sub)
-    compare.register(sub)
-    server_cli.register(sub)
+    chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    for name, (module, help_) in _TOOLS.items():
+        if argv is None or chosen == name:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_)
     return parser
 
 
@@ -277,7 +292,8 @@ _EXTRAS = {"uvicorn": "serve", "fastapi": "serve", "pydantic": "serve", "matplot
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )

@@ -9,8 +9,10 @@ Three kinds, never mixed:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype or device is resolved: `wanfast --help` needs none
+    import torch
 
 # The official Wan2.1/2.2 default negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -256,16 +258,18 @@ class SamplingParams:
         return replace(self, **changes)
 
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}  # name -> torch attribute  # fmt: skip
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,8 @@ class EngineSettings:
     def resolved(self) -> EngineSettings:
         """Device and dtypes settled: the one place their defaults live. Raises ``ConfigError`` for a
         CUDA device on a machine without CUDA."""
+        import torch
+
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")

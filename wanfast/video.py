@@ -10,10 +10,12 @@ import torch
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], rounding as the official saver ((x+1)/2*255)."""
+    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] as the official saver (``save_video``): clamp, map to
+    [0, 1] as ``make_grid(normalize=True, value_range=(-1, 1))`` does ((x + 1) / 2), then
+    ``(x * 255).type(torch.uint8)``, which truncates (it does not round)."""
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a [3, F, H, W] video, got {tuple(video.shape)}")
-    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = ((video.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
     return x.permute(1, 2, 3, 0).contiguous().cpu()
 
 

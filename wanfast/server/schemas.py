@@ -28,7 +28,9 @@ LIMIT_FACTOR = 2.5  # default cost limits: this many times the model's default r
 
 class VideoRequest(BaseModel):
     """Sampling parameters, named as the ``wanfast generate`` options. Omitted ones take the model's
-    defaults (for a checkpoint, its own expert boundary)."""
+    defaults (for a checkpoint, its own expert boundary). The fields cap only what one request may cost;
+    every other rule is the shared one (``specs.resolve_params``), so the CLI and the server refuse a bad
+    value with the same words."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -37,23 +39,23 @@ class VideoRequest(BaseModel):
     size: str | None = Field(
         None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WIDTHxHEIGHT", examples=["1280x720"]
     )
-    frames: int | None = Field(None, ge=1, le=1001, description="frame count, 4n+1")
-    steps: int | None = Field(None, ge=1, le=1000, description="sampling steps")
-    seed: int = Field(0, ge=0, lt=2**63)
+    frames: int | None = Field(None, le=1001, description="frame count, 4n+1")
+    steps: int | None = Field(None, le=1000, description="sampling steps")
+    seed: int = Field(0, description="in [0, 2**63)")
     solver: Literal[SOLVERS] | None = None  # type: ignore[valid-type]
-    shift: float | None = Field(None, gt=0, le=1000)
+    shift: float | None = Field(None, le=1000)
     image: str | None = Field(
         None, description="the first frame (TI2V / I2V models): a PNG/JPEG/WebP file, base64-encoded"
     )
-    guidance: float | None = Field(None, ge=0, le=100, description="CFG scale of every expert")
-    guidance_high_noise: float | None = Field(None, ge=0, le=100)
-    guidance_low_noise: float | None = Field(None, ge=0, le=100)
-    boundary: float | None = Field(None, ge=0, le=1, description="expert switch, fraction of 1000")
+    guidance: float | None = Field(None, le=100, description="CFG scale of every expert")
+    guidance_high_noise: float | None = Field(None, le=100)
+    guidance_low_noise: float | None = Field(None, le=100)
+    boundary: float | None = Field(None, description="expert switch, fraction of 1000")
     cfg_steps: int | None = Field(
-        None, ge=0, le=1000, description="lossy: guidance for the first K steps only (default: every step)"
+        None, le=1000, description="lossy: guidance for the first K steps only (default: every step)"
     )
     step_cache_threshold: float | None = Field(
-        None, ge=0, le=10, description="lossy: skip DiT forwards below this input change (0: off)"
+        None, le=10, description="lossy: skip DiT forwards below this input change (0: off)"
     )
     fps: int | None = Field(None, ge=1, le=120, description="frame rate of the MP4")
 
