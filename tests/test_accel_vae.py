@@ -131,6 +131,7 @@ def test_triton_kernel_in_interpreter():
     code = textwrap.dedent("""
         import torch
         from wanfast.accel import vae as av
+        from wanfast.kernels import vae_norm
         from wanfast.models.vae import RMSNorm
         cl, nc = torch.channels_last_3d, torch.contiguous_format
         for c, fin, fout in [(40, cl, cl), (24, nc, nc), (16, nc, cl)]:
@@ -138,14 +139,14 @@ def test_triton_kernel_in_interpreter():
             norm.gamma.data.uniform_(0.5, 1.5)
             x = torch.randn(2, c, 3, 5, 7).contiguous(memory_format=fin)
             buf = torch.zeros(2, c, 5, 5, 7).contiguous(memory_format=fout)
-            av._norm_silu_triton(x, norm.gamma, norm.scale, buf[:, :, 2:])
+            vae_norm.norm_silu_triton(x, norm.gamma, norm.scale, buf[:, :, 2:])
             want = torch.nn.functional.silu(norm(x))
             assert ((buf[:, :, 2:] - want).norm() / want.norm()) < 1e-6 and buf[:, :, :2].abs().max() == 0
         # an output with no [B, C, S] view (time axis outermost: seen on the GPU) and the default output
         x = torch.randn(2, 8, 3, 5, 7)
         norm = RMSNorm(8)
         odd = torch.zeros(3, 2, 8, 5, 7).permute(1, 2, 0, 3, 4)
-        av._norm_silu_triton(x, norm.gamma, norm.scale, odd)
+        vae_norm.norm_silu_triton(x, norm.gamma, norm.scale, odd)
         want = torch.nn.functional.silu(norm(x))
         assert ((odd - want).norm() / want.norm()) < 1e-6
         assert ((av.norm_silu(norm, x.permute(0, 1, 2, 4, 3), "triton") - want.permute(0, 1, 2, 4, 3)).norm()
