@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from wanfast.config import SOLVERS, ConfigError, SamplingParams
 from wanfast.server.jobs import Job
 from wanfast.server.safety import lone_surrogate, redact_paths, utf8_safe
-from wanfast.specs import ModelSpec, SamplingDefaults, resolve_params
+from wanfast.specs import ModelSpec, SamplingDefaults, parse_size, resolve_params
 
 MAX_SIDE = 4096  # pixels per side: a larger request cannot fit a GPU, refuse it before it queues
 LIMIT_FACTOR = 2.5  # default cost limits: this many times the model's default request
@@ -124,7 +124,7 @@ def validate_request(
     if stored.pop("image", None) is not None:
         raw, image = decode_image(req.image)
     if req.size is not None:
-        w, h = (int(v) for v in req.size.split("x"))
+        w, h = parse_size(req.size)
         if max(w, h) > MAX_SIDE:
             raise ValueError(f"size {req.size} is too large; at most {MAX_SIDE} pixels per side")
         stored["size"] = [w, h]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from wanfast.config import COMPILE_MODES, ConfigError, EngineSettings, SamplingParams, parse_dtype
-from wanfast.specs import SPECS, ModelSpec, resolve_params
+from wanfast.specs import SPECS, ModelSpec, parse_size, resolve_params
 from wanfast.tools.bench_report import (
     COMPOSED,
     WHATS,
@@ -330,14 +330,11 @@ def _names(choices: tuple[str, ...], allow_none: bool = False) -> Callable[[str]
 
 def _sizes(text: str) -> list[tuple[int, int]]:
     try:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
-        if all(len(s) == 2 for s in sizes):
-            return sizes
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(
-        f"{text!r}: sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], e.g. 832x480,1280x720"
-    )
+        return [parse_size(s) for s in text.split(",")]  # the one size parser
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], e.g. 832x480,1280x720"
+        ) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
