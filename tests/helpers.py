@@ -32,6 +32,22 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def random_dit(cfg, seed: int = 0):
+    """A ``WanDiT`` with random weights everywhere (norm gains, biases and modulation tables too), so no
+    parameter is trivially 0 or 1."""
+    from wanfast.models.dit import WanDiT
+
+    torch.manual_seed(seed)
+    model = WanDiT(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias") or name.endswith("modulation"):
+                p.normal_(0, 0.2)
+    return model
+
+
 def run_in_triton_interpreter(code: str) -> str:
     """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton reads it at import, so a test
     process that imported triton cannot switch); assert it exits 0 and return its stdout."""

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import random_dit
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -46,16 +47,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def random_model(seed: int = 0) -> WanDiT:
-    """Random weights everywhere (norm scales and biases too), so no parameter is trivially 0 or 1."""
-    torch.manual_seed(seed)
-    model = WanDiT(CFG).eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias") or name.endswith("modulation"):
-                p.normal_(0, 0.2)
-    return model
+    return random_dit(CFG, seed)
 
 
 def optimized(model: WanDiT, settings: EngineSettings) -> torch.nn.Module:

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import rel_err
+from helpers import random_dit, rel_err
 
 from wanfast.accel import choose_attention, optimize_dit
 from wanfast.accel.caches import TimeEmbedCache, caches_of
@@ -46,16 +46,7 @@ ALL = EngineSettings(device="cpu", dtype=torch.float32, compile=True)  # every l
 
 
 def random_model(cfg=CFG, seed: int = 0) -> WanDiT:
-    """Random weights everywhere (norm gains, biases and modulation tables too)."""
-    torch.manual_seed(seed)
-    model = WanDiT(cfg).eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias") or name.endswith("modulation"):
-                p.normal_(0, 0.2)
-    return model
+    return random_dit(cfg, seed)
 
 
 def grid_of(shape) -> tuple[int, int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import diffusers_unipc
 
 from wanfast import load_pipeline
 from wanfast.config import ConfigError
@@ -125,15 +126,7 @@ def test_matches_diffusers_wan_pipeline(pipes, tiny_diffusers):
     def pad(e):
         return torch.cat([e, e.new_zeros(text_len - e.shape[0], e.shape[1])])[None]
 
-    solver = make_solver("unipc", params.steps, params.shift)
-    scheduler = diffusers.UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, solver_order=2,
-        predict_x0=True, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero",
-    )  # fmt: skip
-    set_timesteps = scheduler.set_timesteps
-    scheduler.set_timesteps = lambda n, device=None, **kw: set_timesteps(
-        sigmas=solver.sigmas[:-1].double().numpy(), device=device
-    )
+    scheduler = diffusers_unipc(params.steps, params.shift)  # the official sigmas in Diffusers' UniPC
     ref_pipe = diffusers.WanPipeline(
         tokenizer=te.tokenizer,
         text_encoder=te.model,
@@ -151,7 +144,7 @@ def test_matches_diffusers_wan_pipeline(pipes, tiny_diffusers):
         num_frames=params.frames, num_inference_steps=params.steps, guidance_scale=params.guidance_high_noise,
         guidance_scale_2=params.guidance_low_noise, latents=noise[None], output_type="latent",
     ).frames[0]  # fmt: skip
-    assert torch.equal(scheduler.timesteps, solver.timesteps)
+    assert torch.equal(scheduler.timesteps, make_solver("unipc", params.steps, params.shift).timesteps)
     rel = (res.latents - ref).norm() / ref.norm()
     assert rel < 1e-5, f"relative error {rel:.2e} vs Diffusers WanPipeline"
 

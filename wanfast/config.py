@@ -79,6 +79,14 @@ class DiTConfig:
         return patch + text + time + self.num_layers * block + head
 
 
+def _check_vae(cfg) -> None:
+    """What both VAE configs need: one latent statistic per channel, one time flag per resampling stage."""
+    if len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+        raise ConfigError(f"latents_mean/std need {cfg.z_dim} values")
+    if len(cfg.temporal_downsample) != len(cfg.dim_mult) - 1:
+        raise ConfigError("temporal_downsample needs len(dim_mult) - 1 entries")
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """Wan2.1 causal 3D VAE (stride 4x8x8). ``dim`` is the base channel count."""
@@ -98,10 +106,7 @@ class VAEConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ConfigError(f"latents_mean/std need {self.z_dim} values")
-        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ConfigError("temporal_downsample needs len(dim_mult) - 1 entries")
+        _check_vae(self)
 
     @property
     def temporal_stride(self) -> int:
@@ -145,10 +150,7 @@ class VAE22Config:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ConfigError(f"latents_mean/std need {self.z_dim} values")
-        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ConfigError("temporal_downsample needs len(dim_mult) - 1 entries")
+        _check_vae(self)
         if min(self.dim, self.dec_dim, self.z_dim, self.num_res_blocks, self.patch_size, *self.dim_mult) < 1:
             raise ConfigError(
                 f"dim, dec_dim, z_dim, num_res_blocks, patch_size and dim_mult must be >= 1; got {self.dim}, "
