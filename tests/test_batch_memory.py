@@ -363,5 +363,5 @@ def test_job_body_accepts_cfg_steps_and_step_cache_threshold():
     _, params, _ = validate_request(VideoRequest(prompt="a cat"), defaults, 100)
     assert (params.cfg_steps, params.step_cache_threshold) == (None, 0.0)
     for bad in ({"cfg_steps": -1}, {"step_cache_threshold": -0.5}, {"cfg_steps": 1.5}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            VideoRequest(prompt="x", **bad)
+        with pytest.raises(ValueError, match=next(iter(bad))):  # the schema (types) or the shared rule
+            validate_request(VideoRequest(prompt="x", **bad), defaults, 100)
