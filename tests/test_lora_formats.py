@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from wanfast.api import tiny_pipeline
 from wanfast.builder import plan
-from wanfast.config import EngineSettings, LoraSpec
+from wanfast.config import ConfigError, EngineSettings, LoraSpec
 from wanfast.flags import add_engine_flags, engine_settings
 from wanfast.loading.checkpoint import CheckpointError
 from wanfast.loading.lora import check_lora_files, read_lora
@@ -273,3 +273,32 @@ def test_flags_and_json():
     assert EngineSettings.from_json(json.loads(json.dumps(both.to_json()))) == both
     with pytest.raises(SystemExit):
         p.parse_args(["--lora", ":2"])
+
+
+def test_peft_lora_bias_rank_pattern_and_unprefixed_diffsynth(tmp_path):
+    """PEFT's lora_B bias (Diffusers' form of LightX2V's diff_b) is scaled like the branch; rank_pattern
+    overrides r per module; DiffSynth keys may carry no prefix at all."""
+    a, b, bias = torch.randn(2, 32), torch.randn(32, 2), torch.randn(32)
+    q, k = "transformer.blocks.0.attn1.to_q", "transformer.blocks.1.attn1.to_k"
+    cfg = {
+        "transformer.r": 4,
+        "transformer.lora_alpha": 8,
+        "transformer.rank_pattern": {"blocks.1.attn1.to_k": 2},
+    }
+    sd = {f"{q}.lora_A.weight": torch.randn(4, 32), f"{q}.lora_B.weight": torch.randn(32, 4)}
+    sd |= {f"{k}.lora_A.weight": a, f"{k}.lora_B.weight": b, f"{k}.lora_B.bias": bias}
+    save_file(sd, str(tmp_path / "p.safetensors"), {"lora_adapter_metadata": json.dumps(cfg)})
+    lora = read_lora(tmp_path / "p.safetensors")
+    assert lora.pairs["blocks.0.self_attn.q"][2] == 2.0 and lora.pairs["blocks.1.self_attn.k"][2] == 4.0
+    assert torch.equal(lora.diffs["blocks.1.self_attn.k.bias"], 4.0 * bias)
+    stem = "blocks.0.ffn.2"
+    save_file(
+        {f"{stem}.lora_A.default.weight": a, f"{stem}.lora_B.default.weight": b}, str(tmp_path / "d.st")
+    )
+    assert read_lora(tmp_path / "d.st").pairs[stem][2] == 1.0
+
+
+def test_separate_mode_refuses_full_deltas_in_plan(tmp_path, shapes):
+    path, _ = _write(tmp_path, "lightx2v", shapes, seed=2)
+    with pytest.raises(ConfigError, match=r"full deltas .*only merge"):
+        plan("tiny", _settings(loras=(LoraSpec(path),), lora_merge=False))

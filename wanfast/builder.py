@@ -118,7 +118,7 @@ def plan(
             )
         if fp8:
             raise ConfigError("LoRAs merge into bf16/fp32 weights: load the bf16 checkpoint with --quant fp8")
-        check_lora_files(settings.lora_stack(), spec)  # every file exists and fits, before any weights load
+        check_lora_files(settings.lora_stack(), spec, settings.lora_merge)  # before any weights load
     d = spec.defaults
     settings, why = plan_memory(settings, spec, sizes or [(*d.size, d.frames)], fp8)
     return BuildPlan(spec, paths, settings, why, fp8, seed)

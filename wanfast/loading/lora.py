@@ -96,14 +96,18 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def _refuse_diffs(lora: LoRAFile) -> None:
+    if lora.diffs:
+        key = lora.keys[next(iter(lora.diffs))]
+        raise ConfigError(
+            f"{lora.path} holds full deltas ({key!r}...), which only merge: drop --lora-separate"
+        )
+
+
 def wrap_lora_(dit: nn.Module, lora: LoRAFile, strength: float = 1.0) -> int:
     """Replace each target Linear by a ``LoRALinear`` (enabled); returns how many were wrapped. Full
     deltas (``.diff*``) have no switchable form: such a file must be merged."""
-    if lora.diffs:
-        raise ConfigError(
-            f"{lora.path} holds full deltas ({next(iter(lora.keys[p] for p in lora.diffs))!r}...), which "
-            "only merge: drop --lora-separate"
-        )
+    _refuse_diffs(lora)
     for name, (a, b, scale) in lora.pairs.items():
         if isinstance(dit.get_submodule(name), LoRALinear):
             raise ValueError(f"{name!r} already carries a separate LoRA; merge one of them instead")
@@ -176,9 +180,10 @@ def cast_after_merge_(dit: nn.Module, dtype: torch.dtype) -> nn.Module:
     return dit
 
 
-def check_lora_files(stack: Sequence[LoraSpec], spec) -> None:
+def check_lora_files(stack: Sequence[LoraSpec], spec, merge: bool = True) -> None:
     """Each file of ``stack`` exists, parses, and fits the DiT of ``spec`` (a ``ModelSpec``; checked on a
-    meta-device model: no weights, no memory), so a bad file fails before any checkpoint loads."""
+    meta-device model: no weights, no memory), and, unmerged (``merge`` False), holds only low-rank pairs:
+    a bad file fails before any checkpoint loads."""
     from wanfast.models.dit import WanDiT
 
     with torch.device("meta"):
@@ -186,7 +191,9 @@ def check_lora_files(stack: Sequence[LoraSpec], spec) -> None:
     for x in stack:
         if not Path(x.path).is_file():
             raise FileNotFoundError(f"LoRA file not found: {x.path}")
-        read_lora(x.path, dit)
+        lora = read_lora(x.path, dit)
+        if not merge:
+            _refuse_diffs(lora)
 
 
 def check_lora_settings(settings: EngineSettings) -> None:

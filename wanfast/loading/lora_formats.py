@@ -65,6 +65,8 @@ _ROLES = (
     (".lora_B.weight", "B"),
     (".lora_down.weight", "A"),
     (".lora_up.weight", "B"),
+    (".lora_B.default.bias", "Bb"),  # PEFT lora_bias (Diffusers stores LightX2V's diff_b so): scaled too
+    (".lora_B.bias", "Bb"),
     (".alpha", "alpha"),
     (".diff", "weight"),
     (".diff_b", "bias"),
@@ -231,17 +233,26 @@ def read_lora(path: str | Path, dit: nn.Module | None = None) -> LoRAFile:
     names: dict[str, str] = {}  # official module -> file module name (PEFT patterns use the file's names)
     for key, tensor in raw.items():
         module, name, role = _split_key(key)
-        if role in ("weight", "bias", "modulation"):
-            out.diffs[f"{name}.{role}"] = tensor
-            out.keys[f"{name}.{role}"] = key
-            continue
+        if role in ("weight", "bias", "modulation") or role == "Bb":
+            param = f"{name}.{'bias' if role == 'Bb' else role}"
+            if param in out.keys:
+                raise CheckpointError(f"LoRA key {key!r}: a second delta for {param!r}")
+            out.keys[param] = key
+            if role != "Bb":
+                out.diffs[param] = tensor
+                continue
         if role in parts.setdefault(name, {}):
             raise CheckpointError(f"LoRA key {key!r}: a second {role} for module {name!r}")
         parts[name][role], names[name] = tensor, module
-        if role == "A" or f"{name}.weight" not in out.keys:  # name the down matrix's key, whatever the order
+        if role == "A" or (role != "Bb" and f"{name}.weight" not in out.keys):  # the down key, if any
             out.keys[f"{name}.weight"] = key
     cfg = peft_config(path) if parts else None
     for name, p in parts.items():
+        if "Bb" in p:  # PEFT adds lora_B's bias inside the scaled branch: scale * b
+            scale = _peft_scale(cfg, names[name]) if cfg else 1.0
+            out.diffs[f"{name}.bias"] = p["Bb"].float() * scale
+            if "A" not in p and "B" not in p:
+                continue
         key = out.keys[f"{name}.weight"]
         if "A" not in p or "B" not in p:
             raise CheckpointError(
