@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -135,16 +135,15 @@ def _load_dit(path: Path, device: str, settings: EngineSettings):
 
 
 def _load_expert(name: str, path: Path, device: str, s: EngineSettings):
-    """One expert, its LoRAs merged (or wrapped) on the plain model, before accel fuses q/k/v: a merge
-    loads float32 when the checkpoint's dtype differs from the run's, sums in float32, then casts."""
-    from wanfast.loading.lora import apply_loras, cast_after_merge_, expert_strengths, merge_load_dtype
+    """One expert, its LoRAs merged (or wrapped) on the plain model, before accel fuses q/k/v; a merge
+    sums in float32 from the checkpoint's own values, then casts."""
+    from wanfast.loading.lora import apply_loras, checkpoint_source, expert_strengths
 
+    dit = _load_dit(path, device, s)
     stack = expert_strengths(s.lora_stack(), name)  # "dit" (one-DiT model) takes the high-noise strengths
-    if not stack or is_fp8_checkpoint(path):
-        return _load_dit(path, device, s)
-    load_dtype = merge_load_dtype(path, s.dtype) if s.lora_merge else s.dtype
-    dit = apply_loras(_load_dit(path, device, replace(s, dtype=load_dtype)), stack, s.lora_merge)
-    return cast_after_merge_(dit, s.dtype) if load_dtype != s.dtype else dit
+    if stack:
+        apply_loras(dit, stack, s.lora_merge, checkpoint_source(path) if s.lora_merge else None)
+    return dit
 
 
 def _write_tiny(spec: ModelSpec, folder: Path, seed: int) -> CheckpointPaths:

@@ -4,16 +4,16 @@ one separate and switchable. Reading every published key layout is ``lora_format
 Merging (the default) must happen on the plain loaded model, before ``wanfast.accel`` fuses q/k/v into one
 GEMM or quantises to FP8. Each touched parameter is summed in float32 from the checkpoint's own values and
 cast once (the official Lightning loader merges in fp32 and casts after; merging after a bf16 cast would put
-~25% of merged elements one bf16 ulp off for an fp32 checkpoint): the builder loads an expert in float32
-when the checkpoint's dtype differs from the run dtype (``merge_load_dtype``) and casts after the merge
-(``cast_after_merge_``). The separate mode wraps each target in ``LoRALinear``, which the fusion, FP8 and
+~25% of merged elements one bf16 ulp off for an fp32 checkpoint): where the checkpoint stores a parameter
+wider than the loaded model holds it, the merge re-reads that one tensor from the checkpoint
+(``checkpoint_source``), so no second copy of the model is ever held. The separate mode wraps each target in ``LoRALinear``, which the fusion, FP8 and
 compile passes do not understand: ``check_lora_settings`` refuses those combinations up front.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,11 +30,10 @@ __all__ = [
     "LoRALinear",
     "apply_lora",
     "apply_loras",
-    "cast_after_merge_",
+    "checkpoint_source",
     "check_lora_files",
     "check_lora_settings",
     "expert_strengths",
-    "merge_load_dtype",
     "merge_lora_",
     "merge_loras_",
     "read_lora",
@@ -44,9 +43,12 @@ __all__ = [
 
 
 @torch.no_grad()
-def merge_loras_(dit: nn.Module, stack: Sequence[tuple[LoRAFile, float]]) -> int:
-    """``W += sum_i strength_i * update_i`` per parameter, summed in float32 on W's values, cast to W's
-    dtype once. Strength-0 entries are skipped (bit-identical to no LoRA). In place; returns how many
+def merge_loras_(
+    dit: nn.Module, stack: Sequence[tuple[LoRAFile, float]], source: Source | None = None
+) -> int:
+    """``W += sum_i strength_i * update_i`` per parameter, summed in float32 and cast to W's dtype once,
+    starting from the checkpoint's own value where ``source`` (``checkpoint_source``) has a wider one
+    than W holds. Strength-0 entries are skipped (bit-identical to no LoRA). In place; returns how many
     parameters changed."""
     stack = [(lora, s) for lora, s in stack if s != 0]
     order: dict[str, list[tuple[LoRAFile, float]]] = {}
@@ -55,7 +57,9 @@ def merge_loras_(dit: nn.Module, stack: Sequence[tuple[LoRAFile, float]]) -> int
             order.setdefault(param, []).append((lora, s))
     for param, items in order.items():
         w = _target(dit, param, items[0][0].keys[param])
-        acc = w.float()  # one parameter at a time: peak memory one float32 copy of the largest weight
+        stored = source(param, w) if source is not None else None
+        # one parameter at a time: peak memory one float32 copy of the largest weight
+        acc = w.float() if stored is None else stored.to(w.device, torch.float32)
         for lora, s in items:
             acc = acc + delta(lora, param, s, w)
         w.copy_(acc.to(w.dtype))
@@ -126,9 +130,14 @@ def set_lora_enabled(module: nn.Module, enabled: bool) -> int:
     return len(layers)
 
 
-def apply_loras(dit: nn.Module, stack: Sequence[tuple[str | Path, float]], merge: bool = True) -> nn.Module:
+def apply_loras(
+    dit: nn.Module,
+    stack: Sequence[tuple[str | Path, float]],
+    merge: bool = True,
+    source: Source | None = None,
+) -> nn.Module:
     """Read each (file, strength) of ``stack`` (checked against ``dit``) and merge them all into ``dit``
-    (float32 sums, one cast), or wrap the one file separately. Returns dit."""
+    (float32 sums from ``source``'s values where given, one cast), or wrap the one file separately."""
     loras = [(read_lora(path, dit), s) for path, s in stack if s != 0]
     if not merge:
         if len(loras) > 1:
@@ -136,7 +145,7 @@ def apply_loras(dit: nn.Module, stack: Sequence[tuple[str | Path, float]], merge
         for lora, s in loras:
             log.info("lora: wrapped %d linears from %s (strength %g)", wrap_lora_(dit, lora, s), lora.path, s)
         return dit
-    n = merge_loras_(dit, loras)
+    n = merge_loras_(dit, loras, source)
     log.info("lora: merged %d parameters from %s", n, ", ".join(f"{x.path} x{s:g}" for x, s in loras))
     return dit
 
@@ -153,31 +162,30 @@ def expert_strengths(stack: Sequence[LoraSpec], expert: str) -> list[tuple[str, 
     return [(x.path, pick(x)) for x in stack if pick(x) != 0]
 
 
-def merge_load_dtype(checkpoint: str | Path, dtype: torch.dtype) -> torch.dtype:
-    """The dtype to load an expert in before a merge: float32 when any of its floating tensors is stored
-    in a dtype other than ``dtype`` (the merge then starts from the checkpoint's own values), else
-    ``dtype`` itself (upcasting in the merge is exact)."""
+Source = Callable[[str, Tensor], Tensor | None]
+
+
+def checkpoint_source(folder: str | Path) -> Source:
+    """``source(param, w)``: the official parameter ``param`` as the DiT checkpoint ``folder`` stores it
+    (CPU, its own dtype), or None where it is stored in ``w``'s dtype (``w`` then holds it exactly). Reads
+    one tensor at a time (safetensors headers, memory-mapped), so the merge never holds a second model."""
     from safetensors import safe_open
 
+    from wanfast.loading import dit_keys
     from wanfast.loading.checkpoint import safetensors_files
-    from wanfast.loading.layout import DIT_WEIGHTS
+    from wanfast.loading.layout import DIT_WEIGHTS, dit_config
 
-    stored = set()
-    for f in safetensors_files(checkpoint, DIT_WEIGHTS):
-        with safe_open(str(f), "pt") as h:
-            stored |= {h.get_slice(k).get_dtype() for k in h.keys()}
-    name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype)
-    floats = stored & {"F64", "F32", "BF16", "F16"}
-    return dtype if floats <= {name} else torch.float32
+    diffusers = dit_config(folder)[1] == "diffusers"
+    handles = [safe_open(str(f), "pt") for f in safetensors_files(folder, DIT_WEIGHTS)]
+    where = {k: h for h in handles for k in h.keys()}
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
+    def source(param: str, w: Tensor) -> Tensor | None:
+        key = next(iter(dit_keys.official_to_diffusers({param: None}))) if diffusers else param
+        h = where[key]
+        return None if dtypes.get(h.get_slice(key).get_dtype()) == w.dtype else h.get_tensor(key)
 
-def cast_after_merge_(dit: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A float32-loaded expert -> ``dtype``, as the loader would have cast it: floating parameters to
-    ``dtype`` except the modulation tables, which stay float32 (``loading.layout.load_transformer``)."""
-    for name, p in dit.named_parameters():
-        if p.is_floating_point() and not name.endswith("modulation"):
-            p.data = p.data.to(dtype)
-    return dit
+    return source
 
 
 def check_lora_files(stack: Sequence[LoraSpec], spec, merge: bool = True) -> None:
