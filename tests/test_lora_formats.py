@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wanfast.api import tiny_pipeline
+from wanfast.api import load_pipeline, tiny_pipeline
 from wanfast.builder import plan
 from wanfast.config import ConfigError, EngineSettings, LoraSpec
 from wanfast.flags import add_engine_flags, engine_settings
 from wanfast.loading.checkpoint import CheckpointError
 from wanfast.loading.lora import check_lora_files, read_lora
 from wanfast.specs import SPECS
+from wanfast.tools.testing import write_diffusers_checkpoint, write_official_checkpoint
 
 RANK = 4
 # (official module, Diffusers module) pairs: self/cross attention, FFN and the float32 time MLP
@@ -187,13 +188,16 @@ def test_metadata_alpha_scale(tmp_path, shapes):
     assert read_lora(tmp_path / "c" / "m.safetensors").pairs["blocks.0.self_attn.k"][2] == 0.5
 
 
-def test_merge_in_float32_from_the_checkpoint_then_cast(tmp_path, shapes):
-    """An fp32 checkpoint run in bf16: W_bf16 = (W_fp32 + delta).to(bf16), exactly; modulation stays fp32."""
-    path, updates = _write(tmp_path, "lightx2v", shapes, seed=7)
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_merge_in_float32_from_the_checkpoint_then_cast(tmp_path, shapes, layout):
+    """An fp32 checkpoint run in bf16: W_bf16 = (W_fp32 + delta).to(bf16), exactly (the merge re-reads W
+    from the checkpoint, through the Diffusers key map for that layout); modulation stays fp32."""
+    write = write_official_checkpoint if layout == "official" else write_diffusers_checkpoint
+    ckpt = write(tmp_path / "ckpt", SPECS["tiny"])
+    path, updates = _write(tmp_path / "lora", "lightx2v", shapes, seed=7)
     s = EngineSettings(device="cpu", dtype=torch.bfloat16, vae_dtype=torch.float32).plain()
-    fp32 = tiny_pipeline(settings=_settings()).experts["low_noise"]
-    merged = tiny_pipeline(settings=replace(s, loras=(LoraSpec(path, 1.0, 2.0),)))
-    dit = merged.experts["low_noise"]
+    fp32 = load_pipeline(ckpt, settings=_settings()).experts["low_noise"]
+    dit = load_pipeline(ckpt, settings=replace(s, loras=(LoraSpec(path, 1.0, 2.0),))).experts["low_noise"]
     for param, d in updates.items():
         want = fp32.get_parameter(param).detach() + 2.0 * d
         got = dit.get_parameter(param)
