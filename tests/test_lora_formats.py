@@ -237,6 +237,16 @@ def test_other_model_kinds_are_named(tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"patch_embedding\.diff'.*i2v-A14B"):
         check_lora_files([LoraSpec(str(tmp_path / "i.safetensors"))], t2v)
+    # a block that TI2V-5B (30 blocks) lacks, but both A14B models (40) have
+    save_file(
+        {
+            "diffusion_model.blocks.35.ffn.2.lora_down.weight": torch.zeros(2, 8),
+            "diffusion_model.blocks.35.ffn.2.lora_up.weight": torch.zeros(8, 2),
+        },
+        str(tmp_path / "deep.safetensors"),
+    )
+    with pytest.raises(CheckpointError, match=r"blocks\.35\.ffn\.2'.*lacks.*t2v-A14B / i2v-A14B"):
+        check_lora_files([LoraSpec(str(tmp_path / "deep.safetensors"))], SPECS["ti2v-5B"])
     # Wan2.1 I2V image cross-attention: no Wan2.2 model has it
     key = "diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight"
     save_file({key: torch.zeros(2, 8)}, str(tmp_path / "w21.safetensors"))

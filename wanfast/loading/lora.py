@@ -6,8 +6,10 @@ GEMM or quantises to FP8. Each touched parameter is summed in float32 from the c
 cast once (the official Lightning loader merges in fp32 and casts after; merging after a bf16 cast would put
 ~25% of merged elements one bf16 ulp off for an fp32 checkpoint): where the checkpoint stores a parameter
 wider than the loaded model holds it, the merge re-reads that one tensor from the checkpoint
-(``checkpoint_source``), so no second copy of the model is ever held. The separate mode wraps each target in ``LoRALinear``, which the fusion, FP8 and
-compile passes do not understand: ``check_lora_settings`` refuses those combinations up front.
+(``checkpoint_source``), so no second copy of the model is ever held.
+
+The separate mode wraps each target in ``LoRALinear``, which the fusion, FP8 and compile passes do not
+understand: ``check_lora_settings`` refuses those combinations up front.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from wanfast.config import ConfigError, EngineSettings, LoraSpec
 from wanfast.loading.lora_formats import LoRAFile, _target, delta, read_lora
 
 log = logging.getLogger("wanfast.lora")
+# (official parameter name, the loaded tensor) -> the checkpoint's own value, or None: W holds it exactly
+Source = Callable[[str, Tensor], "Tensor | None"]
 
 __all__ = [
     "LoRAFile",
@@ -48,7 +52,8 @@ def merge_loras_(
 ) -> int:
     """``W += sum_i strength_i * update_i`` per parameter, summed in float32 and cast to W's dtype once,
     starting from the checkpoint's own value where ``source`` (``checkpoint_source``) has a wider one
-    than W holds. Strength-0 entries are skipped (bit-identical to no LoRA). In place; returns how many
+    than W holds (so ``source`` is for a model fresh from that checkpoint: it restarts from the stored
+    values). Strength-0 entries are skipped (bit-identical to no LoRA). In place; returns how many
     parameters changed."""
     stack = [(lora, s) for lora, s in stack if s != 0]
     order: dict[str, list[tuple[LoRAFile, float]]] = {}
@@ -160,9 +165,6 @@ def expert_strengths(stack: Sequence[LoraSpec], expert: str) -> list[tuple[str, 
     which takes the high-noise strength), strength-0 entries left out."""
     pick = (lambda x: x.strength_low_noise) if expert == "low_noise" else (lambda x: x.strength_high_noise)
     return [(x.path, pick(x)) for x in stack if pick(x) != 0]
-
-
-Source = Callable[[str, Tensor], Tensor | None]
 
 
 def checkpoint_source(folder: str | Path) -> Source:

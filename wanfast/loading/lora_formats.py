@@ -211,7 +211,11 @@ def _target(dit: nn.Module, param: str, key: str, linear: bool = False) -> Tenso
     try:
         mod = dit.get_submodule(module)
     except AttributeError:
-        raise CheckpointError(f"LoRA key {key!r} targets {module!r}, which this model lacks") from None
+        held = [n for n, shapes in published_params().items() if param in shapes]
+        where = f"a LoRA for {' / '.join(held)}" if held else "a LoRA for no published Wan2.2 model"
+        raise CheckpointError(
+            f"LoRA key {key!r} targets {module!r}, which this model lacks ({where})"
+        ) from None
     mod = getattr(mod, "base", mod)  # LoRALinear keeps the plain Linear as .base
     if linear and not isinstance(mod, nn.Linear):
         raise CheckpointError(f"LoRA key {key!r} targets {module!r}, a {type(mod).__name__}, not a Linear")
