@@ -181,6 +181,10 @@ def test_metadata_alpha_scale(tmp_path, shapes):
     meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 16, "transformer.lora_alpha": 1})}
     save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, str(tmp_path / "m.safetensors"), meta)
     assert read_lora(tmp_path / "m.safetensors").pairs["blocks.0.self_attn.k"][2] == 1 / 16
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 8, "transformer.lora_alpha": 1})}
+    save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, str(tmp_path / "x.safetensors"), meta)
+    with pytest.raises(CheckpointError, match=r"rank 16, but the file's PEFT config says r=8"):
+        read_lora(tmp_path / "x.safetensors")  # another adapter's config: refused, not a silent scale
     (tmp_path / "c").mkdir()  # the same file without metadata but with PEFT's adapter_config.json beside it
     save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, str(tmp_path / "c" / "m.safetensors"))
     assert read_lora(tmp_path / "c" / "m.safetensors").pairs["blocks.0.self_attn.k"][2] == 1.0

@@ -188,8 +188,10 @@ def peft_config(path: Path) -> dict | None:
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
     if raw:
         meta = json.loads(raw)
+        if not any("." in k for k in meta):  # unprefixed: one adapter's config (save_lora_adapter)
+            return meta
         sub = {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
-        return sub or meta
+        return sub or None  # prefixed per component, none of them the transformer
     beside = path.parent / "adapter_config.json"
     return json.loads(beside.read_text()) if beside.is_file() else None
 
@@ -199,9 +201,13 @@ def _pattern(patterns: dict, module: str, default: float) -> float:
     return next((v for k, v in patterns.items() if re.fullmatch(rf"(?:.*\.)?(?:{k})", module)), default)
 
 
-def _peft_scale(cfg: dict, module: str) -> float:
+def _peft_scale(cfg: dict, module: str, rank: int | None, key: str) -> float:
+    """PEFT's scaling of ``module`` (defaults as ``LoraConfig``: r 8, lora_alpha 8); the config's rank must
+    be the tensors' (``rank``), else the config belongs to another adapter and its scale would be wrong."""
     r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
-    alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
+    alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+    if rank is not None and r != rank:
+        raise CheckpointError(f"LoRA key {key!r}: rank {rank}, but the file's PEFT config says r={r}")
     return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
@@ -253,7 +259,8 @@ def read_lora(path: str | Path, dit: nn.Module | None = None) -> LoRAFile:
     cfg = peft_config(path) if parts else None
     for name, p in parts.items():
         if "Bb" in p:  # PEFT adds lora_B's bias inside the scaled branch: scale * b
-            scale = _peft_scale(cfg, names[name]) if cfg else 1.0
+            rank = p["A"].shape[0] if "A" in p else None
+            scale = _peft_scale(cfg, names[name], rank, out.keys[f"{name}.bias"]) if cfg else 1.0
             out.diffs[f"{name}.bias"] = p["Bb"].float() * scale
             if "A" not in p and "B" not in p:
                 continue
@@ -270,7 +277,7 @@ def read_lora(path: str | Path, dit: nn.Module | None = None) -> LoRAFile:
         if "alpha" in p:
             scale = float(p["alpha"].item()) / a.shape[0]
         else:
-            scale = _peft_scale(cfg, names[name]) if cfg else 1.0
+            scale = _peft_scale(cfg, names[name], a.shape[0], key) if cfg else 1.0
         out.pairs[name] = (a, b, scale)
     if dit is not None:
         check_shapes(out, dit)
