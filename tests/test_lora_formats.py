@@ -320,3 +320,21 @@ def test_separate_mode_refuses_full_deltas_in_plan(tmp_path, shapes):
     path, _ = _write(tmp_path, "lightx2v", shapes, seed=2)
     with pytest.raises(ConfigError, match=r"full deltas .*only merge"):
         plan("tiny", _settings(loras=(LoraSpec(path),), lora_merge=False))
+
+
+def test_cli_lora_flag_reaches_the_build(tmp_path, shapes, capsys):
+    from safetensors.torch import load_file
+
+    from wanfast.cli import main
+
+    path, _ = _write(tmp_path / "l", "kohya-tensor-alpha", shapes, seed=4)
+    lat = tmp_path / "lat.safetensors"
+    argv = ["generate", "--model", "tiny", "--prompt", "a red fox", "--steps", "4", "--seed", "3", "--plain",
+            "--device", "cpu", "--dtype", "fp32", "--output", str(tmp_path / "o.mp4"), "--save-latents", str(lat),
+            "--no-progress", "--lora", f"{path}:0.8:1.3"]  # fmt: skip
+    assert main(argv) == 0
+    want = tiny_pipeline(settings=_settings(loras=(LoraSpec(path, 0.8, 1.3),))).generate("a red fox", **GEN)
+    assert torch.equal(load_file(lat)["latents"], want.latents)  # same build, same arithmetic
+    capsys.readouterr()
+    assert main([*argv[:-1], f"{tmp_path / 'missing.safetensors'}:2"]) == 2
+    assert "LoRA file not found" in capsys.readouterr().err
