@@ -87,7 +87,7 @@ def test_merge_equals_formula(tmp_path, style):
     before = copy.deepcopy(dit.state_dict())
     expected = _expected(dit, pairs, 0.7)
     lora = read_lora(_write(tmp_path / "l.safetensors", pairs, style), dit)
-    assert set(lora) == set(pairs)
+    assert set(lora.pairs) == set(pairs)
     assert merge_lora_(dit, lora, strength=0.7) == len(pairs)
     for name, w in expected.items():
         torch.testing.assert_close(dit.get_submodule(name).weight, w, atol=1e-6, rtol=0)

@@ -108,17 +108,17 @@ def plan(
             world = torch.distributed.get_world_size()
         check_split(settings.cfg_parallel, settings.ulysses, world, spec.dit.num_heads)
         settings = parallel_settings(settings)
-    if settings.lora_high_noise or settings.lora_low_noise:
-        from wanfast.loading.lora import check_lora_settings
+    if settings.lora_stack():
+        from wanfast.loading.lora import check_lora_files, check_lora_settings
 
         check_lora_settings(settings)
-        for path in (settings.lora_high_noise, settings.lora_low_noise):
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"LoRA file not found: {path}")
         if not spec.two_experts and settings.lora_low_noise:
             raise ConfigError(
                 f"{spec.name} has one DiT: give its LoRA as the high-noise one (--lora-high-noise)"
             )
+        if fp8:
+            raise ConfigError("LoRAs merge into bf16/fp32 weights: load the bf16 checkpoint with --quant fp8")
+        check_lora_files(settings.lora_stack(), spec, settings.lora_merge)  # before any weights load
     d = spec.defaults
     settings, why = plan_memory(settings, spec, sizes or [(*d.size, d.frames)], fp8)
     return BuildPlan(spec, paths, settings, why, fp8, seed)
@@ -132,6 +132,18 @@ def _load_dit(path: Path, device: str, settings: EngineSettings):
     from wanfast.loading.layout import load_transformer
 
     return load_transformer(path, device, settings.dtype)
+
+
+def _load_expert(name: str, path: Path, device: str, s: EngineSettings):
+    """One expert, its LoRAs merged (or wrapped) on the plain model, before accel fuses q/k/v; a merge
+    sums in float32 from the checkpoint's own values, then casts."""
+    from wanfast.loading.lora import apply_loras, checkpoint_source, expert_strengths
+
+    dit = _load_dit(path, device, s)
+    stack = expert_strengths(s.lora_stack(), name)  # "dit" (one-DiT model) takes the high-noise strengths
+    if stack:
+        apply_loras(dit, stack, s.lora_merge, checkpoint_source(path) if s.lora_merge else None)
+    return dit
 
 
 def _write_tiny(spec: ModelSpec, folder: Path, seed: int) -> CheckpointPaths:
@@ -156,14 +168,7 @@ def build(p: BuildPlan):
         # With an offload mode the experts load into CPU memory; apply_offload then puts on the device only
         # what that mode keeps there, so loading never needs both experts on the GPU at once.
         expert_device = "cpu" if s.offload else s.device
-        experts = {name: _load_dit(path, expert_device, s) for name, path in paths.experts.items()}
-        if s.lora_high_noise or s.lora_low_noise:  # on the plain experts, before accel fuses q/k/v
-            from wanfast.loading.lora import apply_lora
-
-            files = {"high_noise": s.lora_high_noise, "low_noise": s.lora_low_noise, "dit": s.lora_high_noise}
-            for name, dit in experts.items():
-                if files[name]:
-                    apply_lora(dit, files[name], s.lora_strength, s.lora_merge)
+        experts = {name: _load_expert(name, path, expert_device, s) for name, path in paths.experts.items()}
         text_len = next(iter(experts.values())).cfg.text_len
         te_device = s.text_encoder_device or s.device
         text_encoder = load_text_encoder(paths.text_encoder, paths.tokenizer, te_device, s.dtype, text_len)

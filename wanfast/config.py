@@ -275,6 +275,33 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file and its strength on each expert (a one-DiT model takes ``strength_high_noise``)."""
+
+    path: str
+    strength_high_noise: float = 1.0
+    strength_low_noise: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``FILE[:HIGH[:LOW]]`` (the CLI form): LOW defaults to HIGH, HIGH to 1. Trailing fields that are
+        not numbers belong to the path (a path may hold ':')."""
+        parts = text.split(":")
+        nums: list[float] = []
+        while len(parts) > 1 and len(nums) < 2:
+            try:
+                nums.insert(0, float(parts[-1]))
+            except ValueError:
+                break
+            parts.pop()
+        path = ":".join(parts)
+        if not path:
+            raise ConfigError(f"--lora {text!r}: no file (FILE[:HIGH[:LOW]])")
+        high = nums[0] if nums else 1.0
+        return cls(path, high, nums[1] if len(nums) > 1 else high)
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """Per-process settings: where models run and which optimisations ``wanfast.accel`` applies.
 
@@ -307,10 +334,22 @@ class EngineSettings:
     cfg_parallel: bool = False  # multi-GPU: cond / uncond passes on two rank groups (parallel/)
     ulysses: int = 1  # multi-GPU: sequence-parallel degree inside a group (parallel/)
     offload: str | None = None  # memory mode: "expert" (idle expert in pinned CPU memory) | "blocks"
-    lora_high_noise: str | None = None  # LoRA file for the high-noise expert (loading/lora.py)
-    lora_low_noise: str | None = None  # LoRA file for the low-noise expert
+    # LoRAs merged in order (loading/lora.py), each with a strength per expert; ``lora_stack()`` adds the
+    # shorthands below, the one place both forms meet
+    loras: tuple[LoraSpec, ...] = ()
+    lora_high_noise: str | None = None  # shorthand: LoRA file for the high-noise expert at lora_strength
+    lora_low_noise: str | None = None  # shorthand: LoRA file for the low-noise expert at lora_strength
     lora_strength: float = 1.0
     lora_merge: bool = True  # merged into the weights (no runtime cost) or kept separate and switchable
+
+    def lora_stack(self) -> tuple[LoraSpec, ...]:
+        """Every LoRA to apply: ``loras`` then the shorthand files (each on its own expert only)."""
+        extra = []
+        if self.lora_high_noise:
+            extra.append(LoraSpec(self.lora_high_noise, self.lora_strength, 0.0))
+        if self.lora_low_noise:
+            extra.append(LoraSpec(self.lora_low_noise, 0.0, self.lora_strength))
+        return tuple(self.loras) + tuple(extra)
 
     def plain(self) -> EngineSettings:
         """Every optimisation off, the VAE decode rewrite included: the eager reference path."""
@@ -343,6 +382,7 @@ class EngineSettings:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for k in ("dtype", "vae_dtype"):
             out[k] = None if out[k] is None else str(out[k]).removeprefix("torch.")
+        out["loras"] = [[x.path, x.strength_high_noise, x.strength_low_noise] for x in self.loras]
         return out
 
     @classmethod
@@ -350,4 +390,5 @@ class EngineSettings:
         d = dict(d)
         for k in ("dtype", "vae_dtype"):
             d[k] = None if d.get(k) is None else parse_dtype(d[k])
+        d["loras"] = tuple(LoraSpec(*x) for x in d.get("loras", ()))
         return cls(**d)

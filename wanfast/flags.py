@@ -11,7 +11,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from wanfast.config import COMPILE_MODES, EngineSettings, parse_dtype
+from wanfast.config import COMPILE_MODES, ConfigError, EngineSettings, LoraSpec, parse_dtype
 from wanfast.specs import PUBLISHED, SPECS
 
 
@@ -64,14 +64,25 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                      help="pick the fastest memory mode (resident, expert, blocks) whose estimate fits GIB, "
                      "and cap the process's GPU memory at it")  # fmt: skip
+    mem.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="FILE[:HIGH[:LOW]]",
+                     help="a LoRA and its strength on the high- and low-noise experts (LOW defaults to HIGH, "
+                     "HIGH to 1; a one-DiT model takes HIGH); repeat to stack, e.g. --lora a.safetensors:3:1.5")  # fmt: skip
     mem.add_argument("--lora-high-noise", default=None, metavar="FILE",
                      help="LoRA for the high-noise expert (of a one-DiT model: its DiT)")  # fmt: skip
     mem.add_argument("--lora-low-noise", default=None, metavar="FILE", help="LoRA for the low-noise expert")
-    mem.add_argument("--lora-strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
+    mem.add_argument("--lora-strength", type=float, default=1.0,
+                     help="strength of --lora-high-noise / --lora-low-noise (default 1.0)")  # fmt: skip
     mem.add_argument("--lora-separate", action="store_true", help="keep LoRA unmerged (switchable)")
     par = p.add_argument_group("multi-GPU (launch with torchrun --nproc-per-node N; N = 2 x K or K)")
     par.add_argument("--cfg-parallel", action="store_true", help="cond / uncond passes on two rank groups")
     par.add_argument("--ulysses", type=int, default=1, metavar="K", help="sequence-parallel degree (1)")
+
+
+def _lora_spec(text: str) -> LoraSpec:
+    try:
+        return LoraSpec.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def engine_settings(args: argparse.Namespace) -> EngineSettings:
@@ -89,6 +100,7 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
         cfg_parallel=args.cfg_parallel,
         ulysses=args.ulysses,
         offload=args.offload,
+        loras=tuple(args.lora),
         lora_high_noise=args.lora_high_noise,
         lora_low_noise=args.lora_low_noise,
         lora_strength=args.lora_strength,

@@ -1,186 +1,79 @@
-"""LoRA files for the Wan2.2 DiT experts: read (three key styles), merge, or keep separate and switchable.
-
-Key styles accepted (detected per key, so a file may mix them):
-
-- Diffusers / PEFT: ``transformer.blocks.0.attn1.to_q.lora_A.weight`` / ``.lora_B.weight`` (Diffusers
-  module names, mapped to ours by the ``dit_keys`` table);
-- official-key style (ComfyUI, lightx2v): ``diffusion_model.blocks.0.self_attn.q.lora_A.weight``;
-- Kohya / ComfyUI: ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` + ``.lora_up.weight`` + ``.alpha``
-  (underscored official or Diffusers module names).
-
-A pair is down ``A`` [r, in] and up ``B`` [out, r]; the update is ``W += strength * (B @ A) * alpha / r``,
-with ``alpha = r`` (scale 1) when the file has none, as PEFT saves it.
+"""LoRAs on the Wan2.2 DiT experts: merge a stack of files (each at its own strength) in float32, or keep
+one separate and switchable. Reading every published key layout is ``lora_formats``.
 
 Merging (the default) must happen on the plain loaded model, before ``wanfast.accel`` fuses q/k/v into one
-GEMM. The separate mode wraps each target in ``LoRALinear``, which the fusion, FP8 and compile passes do not
+GEMM or quantises to FP8. Each touched parameter is summed in float32 from the checkpoint's own values and
+cast once (the official Lightning loader merges in fp32 and casts after; merging after a bf16 cast would put
+~25% of merged elements one bf16 ulp off for an fp32 checkpoint): where the checkpoint stores a parameter
+wider than the loaded model holds it, the merge re-reads that one tensor from the checkpoint
+(``checkpoint_source``), so no second copy of the model is ever held.
+
+The separate mode wraps each target in ``LoRALinear``, which the fusion, FP8 and compile passes do not
 understand: ``check_lora_settings`` refuses those combinations up front.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wanfast.config import ConfigError, EngineSettings
-from wanfast.loading.checkpoint import CheckpointError, require_file
-from wanfast.loading.dit_keys import _DIFFUSERS  # the one official <-> Diffusers table, not a copy
+from wanfast.config import ConfigError, EngineSettings, LoraSpec
+from wanfast.loading.lora_formats import LoRAFile, _target, delta, read_lora
 
 log = logging.getLogger("wanfast.lora")
+# (official parameter name, the loaded tensor) -> the checkpoint's own value, or None: W holds it exactly
+Source = Callable[[str, Tensor], "Tensor | None"]
 
-# The DiT Linears a LoRA may target (official names; "*" is a block index). patch_embedding is a Conv3d.
-_BLOCK_LINEARS = tuple(
-    f"blocks.*.{n}"
-    for n in (
-        "self_attn.q",
-        "self_attn.k",
-        "self_attn.v",
-        "self_attn.o",
-        "cross_attn.q",
-        "cross_attn.k",
-        "cross_attn.v",
-        "cross_attn.o",
-        "ffn.0",
-        "ffn.2",
-    )
-)
-_TOP_LINEARS = (
-    "text_embedding.0",
-    "text_embedding.2",
-    "time_embedding.0",
-    "time_embedding.2",
-    "time_projection.1",
-    "head.head",
-)
-_OFFICIAL = frozenset(_BLOCK_LINEARS + _TOP_LINEARS)
-_FROM_DIFFUSERS = {d: o for o, d in _DIFFUSERS if o in _OFFICIAL}
-# Kohya flattens dots to underscores; both naming schemes occur in the wild, so both are accepted.
-_FROM_KOHYA = {o.replace(".", "_"): o for o in _OFFICIAL} | {
-    d.replace(".", "_"): o for d, o in _FROM_DIFFUSERS.items()
-}
-# Wrapper prefixes seen in published files; stripped before the module name is looked up.
-_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
-_SUFFIXES = {
-    ".lora_A.weight": "A",
-    ".lora_B.weight": "B",
-    ".lora_down.weight": "A",
-    ".lora_up.weight": "B",
-    ".alpha": "alpha",
-}
-
-LoRA = dict[str, tuple[Tensor, Tensor, float | None]]
-
-
-def _official_module(module: str) -> str | None:
-    """A LoRA module name (any accepted style, prefix already stripped) -> official name, or None."""
-    dotted = re.match(r"^blocks\.(\d+)\.(.+)$", module)
-    under = re.match(r"^blocks_(\d+)_(.+)$", module)
-    if dotted:
-        idx, generic = dotted.group(1), f"blocks.*.{dotted.group(2)}"
-    elif under:
-        idx, generic = under.group(1), f"blocks_*_{under.group(2)}"
-    else:
-        idx, generic = None, module
-    name = generic if generic in _OFFICIAL else _FROM_DIFFUSERS.get(generic) or _FROM_KOHYA.get(generic)
-    if name is None:
-        return None
-    return name.replace("*", idx) if idx is not None else name
-
-
-def _split_key(key: str) -> tuple[str, str]:
-    """``key`` -> (official module name, role "A" | "B" | "alpha"); CheckpointError naming the key."""
-    role = next((r for s, r in _SUFFIXES.items() if key.endswith(s)), None)
-    module = key[: key.rfind(".lora_") if role != "alpha" else -len(".alpha")] if role else key
-    for prefix in _PREFIXES:
-        if module.startswith(prefix):
-            module = module[len(prefix) :]
-            break
-    name = _official_module(module) if role else None
-    if name is None:
-        raise CheckpointError(
-            f"unknown LoRA key {key!r}: not a lora_A/lora_B/lora_down/lora_up/alpha entry of a Wan2.2 "
-            "T2V DiT Linear (a LoRA for another architecture?)"
-        )
-    return name, role
-
-
-def _target(dit: nn.Module, name: str, key: str) -> nn.Linear:
-    """The plain Linear named ``name`` in ``dit`` (inside a LoRALinear if already wrapped)."""
-    try:
-        module = dit.get_submodule(name)
-    except AttributeError:
-        raise CheckpointError(f"LoRA key {key!r} targets {name!r}, which this model lacks") from None
-    module = module.base if isinstance(module, LoRALinear) else module
-    if not isinstance(module, nn.Linear):
-        raise CheckpointError(f"LoRA key {key!r} targets {name!r}, a {type(module).__name__}, not a Linear")
-    return module
-
-
-def read_lora(path: str | Path, dit: nn.Module | None = None) -> LoRA:
-    """Read a LoRA ``.safetensors`` file -> {official module name: (A [r, in], B [out, r], alpha or None)}.
-
-    With ``dit``, every pair is checked against the model's Linear shapes; errors name the file's key.
-    """
-    from safetensors.torch import load_file
-
-    raw = load_file(str(require_file(path, "LoRA file")))
-    parts: dict[str, dict[str, Tensor]] = {}
-    keys: dict[str, str] = {}  # module -> a file key, for error messages
-    for key, tensor in raw.items():
-        name, role = _split_key(key)
-        if role in parts.setdefault(name, {}):
-            raise CheckpointError(f"LoRA key {key!r}: a second {role} for module {name!r}")
-        parts[name][role] = tensor
-        if role == "A" or name not in keys:  # name the down matrix's key, whatever the file's order
-            keys[name] = key
-    if not parts:
-        raise CheckpointError(f"LoRA file {path} holds no tensors")
-    lora: LoRA = {}
-    for name, p in parts.items():
-        key = keys[name]
-        if "A" not in p or "B" not in p:
-            raise CheckpointError(
-                f"LoRA key {key!r}: module {name!r} lacks its {'B' if 'A' in p else 'A'} (up/down) matrix"
-            )
-        a, b = p["A"], p["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise CheckpointError(
-                f"LoRA key {key!r}: down {tuple(a.shape)} and up {tuple(b.shape)} are not a rank-r pair"
-            )
-        alpha = float(p["alpha"].item()) if "alpha" in p else None
-        if dit is not None:
-            w = _target(dit, name, key).weight
-            if (b.shape[0], a.shape[1]) != tuple(w.shape):
-                raise CheckpointError(
-                    f"LoRA key {key!r}: update {b.shape[0]}x{a.shape[1]} does not fit {name!r} "
-                    f"weight {tuple(w.shape)} (a LoRA for another model size?)"
-                )
-        lora[name] = (a, b, alpha)
-    return lora
-
-
-def _scale(a: Tensor, alpha: float | None) -> float:
-    return 1.0 if alpha is None else alpha / a.shape[0]
-
-
-def _delta(a: Tensor, b: Tensor, scale: float, like: Tensor) -> Tensor:
-    """(B @ A) * scale in float32 on ``like``'s device: low-precision A/B products lose the small update."""
-    dev = like.device
-    return (b.to(dev, torch.float32) @ a.to(dev, torch.float32)) * scale
+__all__ = [
+    "LoRAFile",
+    "LoRALinear",
+    "apply_lora",
+    "apply_loras",
+    "checkpoint_source",
+    "check_lora_files",
+    "check_lora_settings",
+    "expert_strengths",
+    "merge_lora_",
+    "merge_loras_",
+    "read_lora",
+    "set_lora_enabled",
+    "wrap_lora_",
+]
 
 
 @torch.no_grad()
-def merge_lora_(dit: nn.Module, lora: LoRA, strength: float = 1.0) -> int:
-    """``W += strength * (B @ A) * alpha / r`` for every pair, in float32, cast back to W's dtype.
-    In place; returns the number of Linears changed."""
-    for name, (a, b, alpha) in lora.items():
-        w = _target(dit, name, name).weight
-        w.copy_((w.float() + _delta(a, b, strength * _scale(a, alpha), w)).to(w.dtype))
-    return len(lora)
+def merge_loras_(
+    dit: nn.Module, stack: Sequence[tuple[LoRAFile, float]], source: Source | None = None
+) -> int:
+    """``W += sum_i strength_i * update_i`` per parameter, summed in float32 and cast to W's dtype once,
+    starting from the checkpoint's own value where ``source`` (``checkpoint_source``) has a wider one
+    than W holds (so ``source`` is for a model fresh from that checkpoint: it restarts from the stored
+    values). Strength-0 entries are skipped (bit-identical to no LoRA). In place; returns how many
+    parameters changed."""
+    stack = [(lora, s) for lora, s in stack if s != 0]
+    order: dict[str, list[tuple[LoRAFile, float]]] = {}
+    for lora, s in stack:
+        for param in lora.targets():
+            order.setdefault(param, []).append((lora, s))
+    for param, items in order.items():
+        w = _target(dit, param, items[0][0].keys[param])
+        stored = source(param, w) if source is not None else None
+        # one parameter at a time: peak memory one float32 copy of the largest weight
+        acc = w.float() if stored is None else stored.to(w.device, torch.float32)
+        for lora, s in items:
+            acc = acc + delta(lora, param, s, w)
+        w.copy_(acc.to(w.dtype))
+    return len(order)
+
+
+def merge_lora_(dit: nn.Module, lora: LoRAFile, strength: float = 1.0) -> int:
+    """One file: ``merge_loras_(dit, [(lora, strength)])``."""
+    return merge_loras_(dit, [(lora, strength)])
 
 
 class LoRALinear(nn.Module):
@@ -212,15 +105,26 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def wrap_lora_(dit: nn.Module, lora: LoRA, strength: float = 1.0) -> int:
-    """Replace each target Linear by a ``LoRALinear`` (enabled); returns how many were wrapped."""
-    for name, (a, b, alpha) in lora.items():
-        base = _target(dit, name, name)
+def _refuse_diffs(lora: LoRAFile) -> None:
+    if lora.diffs:
+        key = lora.keys[next(iter(lora.diffs))]
+        raise ConfigError(
+            f"{lora.path} holds full deltas ({key!r}...), which only merge: drop --lora-separate"
+        )
+
+
+def wrap_lora_(dit: nn.Module, lora: LoRAFile, strength: float = 1.0) -> int:
+    """Replace each target Linear by a ``LoRALinear`` (enabled); returns how many were wrapped. Full
+    deltas (``.diff*``) have no switchable form: such a file must be merged."""
+    _refuse_diffs(lora)
+    for name, (a, b, scale) in lora.pairs.items():
         if isinstance(dit.get_submodule(name), LoRALinear):
             raise ValueError(f"{name!r} already carries a separate LoRA; merge one of them instead")
+        _target(dit, f"{name}.weight", lora.keys[f"{name}.weight"], linear=True)  # a plain Linear
+        base = dit.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        dit.get_submodule(parent).register_module(child, LoRALinear(base, a, b, strength * _scale(a, alpha)))
-    return len(lora)
+        dit.get_submodule(parent).register_module(child, LoRALinear(base, a, b, strength * scale))
+    return len(lora.pairs)
 
 
 def set_lora_enabled(module: nn.Module, enabled: bool) -> int:
@@ -231,18 +135,85 @@ def set_lora_enabled(module: nn.Module, enabled: bool) -> int:
     return len(layers)
 
 
-def apply_lora(dit: nn.Module, path: str | Path, strength: float = 1.0, merge: bool = True) -> nn.Module:
-    """Read ``path`` (checked against ``dit``) and merge it into ``dit`` or wrap it separately. Returns dit."""
-    lora = read_lora(path, dit)
-    n = merge_lora_(dit, lora, strength) if merge else wrap_lora_(dit, lora, strength)
-    log.info("lora: %s %d linears from %s (strength %g)", "merged" if merge else "wrapped", n, path, strength)
+def apply_loras(
+    dit: nn.Module,
+    stack: Sequence[tuple[str | Path, float]],
+    merge: bool = True,
+    source: Source | None = None,
+) -> nn.Module:
+    """Read each (file, strength) of ``stack`` (checked against ``dit``) and merge them all into ``dit``
+    (float32 sums from ``source``'s values where given, one cast), or wrap the one file separately."""
+    loras = [(read_lora(path, dit), s) for path, s in stack if s != 0]
+    if not merge:
+        if len(loras) > 1:
+            raise ConfigError("a separate (unmerged) LoRA is one file per expert: merge a stack")
+        for lora, s in loras:
+            log.info("lora: wrapped %d linears from %s (strength %g)", wrap_lora_(dit, lora, s), lora.path, s)
+        return dit
+    n = merge_loras_(dit, loras, source)
+    log.info("lora: merged %d parameters from %s", n, ", ".join(f"{x.path} x{s:g}" for x, s in loras))
     return dit
+
+
+def apply_lora(dit: nn.Module, path: str | Path, strength: float = 1.0, merge: bool = True) -> nn.Module:
+    """One file: ``apply_loras(dit, [(path, strength)], merge)``."""
+    return apply_loras(dit, [(path, strength)], merge)
+
+
+def expert_strengths(stack: Sequence[LoraSpec], expert: str) -> list[tuple[str, float]]:
+    """(file, strength) of each LoRA on ``expert`` ("high_noise", "low_noise", or "dit" for a one-DiT model,
+    which takes the high-noise strength), strength-0 entries left out."""
+    pick = (lambda x: x.strength_low_noise) if expert == "low_noise" else (lambda x: x.strength_high_noise)
+    return [(x.path, pick(x)) for x in stack if pick(x) != 0]
+
+
+def checkpoint_source(folder: str | Path) -> Source:
+    """``source(param, w)``: the official parameter ``param`` as the DiT checkpoint ``folder`` stores it
+    (CPU, its own dtype), or None where it is stored in ``w``'s dtype (``w`` then holds it exactly). Reads
+    one tensor at a time (safetensors headers, memory-mapped), so the merge never holds a second model."""
+    from safetensors import safe_open
+
+    from wanfast.loading import dit_keys
+    from wanfast.loading.checkpoint import safetensors_files
+    from wanfast.loading.layout import DIT_WEIGHTS, dit_config
+
+    diffusers = dit_config(folder)[1] == "diffusers"
+    handles = [safe_open(str(f), "pt") for f in safetensors_files(folder, DIT_WEIGHTS)]
+    where = {k: h for h in handles for k in h.keys()}
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+    def source(param: str, w: Tensor) -> Tensor | None:
+        key = next(iter(dit_keys.official_to_diffusers({param: None}))) if diffusers else param
+        h = where[key]
+        return None if dtypes.get(h.get_slice(key).get_dtype()) == w.dtype else h.get_tensor(key)
+
+    return source
+
+
+def check_lora_files(stack: Sequence[LoraSpec], spec, merge: bool = True) -> None:
+    """Each file of ``stack`` exists, parses, and fits the DiT of ``spec`` (a ``ModelSpec``; checked on a
+    meta-device model: no weights, no memory), and, unmerged (``merge`` False), holds only low-rank pairs:
+    a bad file fails before any checkpoint loads."""
+    from wanfast.models.dit import WanDiT
+
+    with torch.device("meta"):
+        dit = WanDiT(spec.dit)
+    for x in stack:
+        if not Path(x.path).is_file():
+            raise FileNotFoundError(f"LoRA file not found: {x.path}")
+        lora = read_lora(x.path, dit)
+        if not merge:
+            _refuse_diffs(lora)
 
 
 def check_lora_settings(settings: EngineSettings) -> None:
     """The separate (switchable) mode needs plain Linears through accel: refuse what would break it."""
-    if settings.lora_merge or not (settings.lora_high_noise or settings.lora_low_noise):
+    stack = settings.lora_stack()
+    if settings.lora_merge or not stack:
         return
+    for expert in ("high_noise", "low_noise"):
+        if len(expert_strengths(stack, expert)) > 1:
+            raise ConfigError(f"a separate (unmerged) LoRA is one file per expert; {expert} has several")
     compiled = settings.compile or (settings.compile is None and settings.device.startswith("cuda"))
     bad = [
         name
