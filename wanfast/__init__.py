@@ -20,6 +20,7 @@ _EXPORTS = {
     "ConfigError": "wanfast.config",
     "DiTConfig": "wanfast.config",
     "EngineSettings": "wanfast.config",
+    "LoraSpec": "wanfast.config",
     "SamplingParams": "wanfast.config",
     "VAEConfig": "wanfast.config",
     "CheckpointError": "wanfast.loading.checkpoint",
