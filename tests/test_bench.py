@@ -246,7 +246,7 @@ def test_diffusers_transformer_built_on_meta_equals_a_plain_build():
     diffusers = pytest.importorskip("diffusers")
     from wanfast.loading import dit_keys
     from wanfast.specs import SPECS
-    from wanfast.tools.bench_peer import _init_kwargs, pad_text, random_transformer
+    from wanfast.tools.diffusers_models import _init_kwargs, pad_text, random_transformer
     from wanfast.tools.synthetic import randomize_
 
     preset = SPECS["tiny"]
