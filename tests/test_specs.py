@@ -73,6 +73,12 @@ def test_i2v_output_size_follows_the_image_aspect_ratio():
     assert p.width * p.height <= 1280 * 720
 
 
+def test_an_extreme_aspect_ratio_is_a_clear_error():
+    for name in ("ti2v-5B", "i2v-A14B"):
+        with pytest.raises(ConfigError, match="too elongated"):
+            resolve_params(SPECS[name], "x", image_size=(65536, 16))
+
+
 def test_best_output_size():
     assert best_output_size(1280, 704, 32, 32, 1280 * 704) == (1280, 704)
     w, h = best_output_size(800, 600, 32, 32, 1280 * 704)  # 4:3 within the 1280x704 area

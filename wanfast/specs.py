@@ -160,9 +160,16 @@ def resolve_params(
 
         _positive_ints(base)
         area = base["width"] * base["height"]
-        base["width"], base["height"] = CONDITIONINGS[spec.conditioning].size_for_image(
-            spec, image_size, area
-        )
+        try:
+            w, h = CONDITIONINGS[spec.conditioning].size_for_image(spec, image_size, area)
+        except ZeroDivisionError:  # a side rounds to 0 cells of the grid
+            w = h = 0
+        if min(w, h) <= 0:
+            raise ConfigError(
+                f"an image of {image_size[0]}x{image_size[1]} is too elongated for a {area}-pixel area on "
+                f"{spec.name}'s {spec.size_multiple}-pixel grid: use a larger --size or a less extreme image"
+            )
+        base["width"], base["height"] = w, h
     params = SamplingParams(**base)
     check_params(spec, params)
     return params
