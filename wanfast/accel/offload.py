@@ -205,14 +205,14 @@ class Offload:
 
 def apply_offload(pipe, mode: str | None = None, pin: bool | None = None) -> Offload:
     """Apply ``mode`` (default ``pipe.settings.offload``) to an optimised ``WanPipeline`` in place; the
-    ``Offload`` is kept as ``pipe.offload``. Expert mode makes the high-noise expert resident right away
-    (every request starts with it)."""
+    ``Offload`` is kept as ``pipe.offload``. Expert mode makes the first expert (high-noise, or a one-DiT
+    model's only one) resident right away: every request starts with it."""
     mode = mode or pipe.settings.offload
     if pipe.settings.cuda_graphs:
         raise ConfigError("--offload cannot be combined with CUDA graphs (they bake weight addresses in)")
     pipe.offload = Offload(pipe, mode, torch.device(pipe.device), pin)
     if mode == "expert":
-        pipe.offload.activate("high_noise")
+        pipe.offload.activate(next(iter(pipe.experts)))
     return pipe.offload
 
 
