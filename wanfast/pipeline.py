@@ -20,9 +20,9 @@ from torch import nn
 from wanfast.accel import reset_caches
 from wanfast.accel.stepcache import ForwardCounter, StepCache, installed
 from wanfast.conditioning import CONDITIONINGS, Condition
-from wanfast.config import NUM_TRAIN_TIMESTEPS, EngineSettings, SamplingParams
+from wanfast.config import EngineSettings, SamplingParams
 from wanfast.solvers import make_solver
-from wanfast.specs import ModelSpec, resolve_params
+from wanfast.specs import ModelSpec, expert_for, resolve_params
 from wanfast.video import to_uint8_frames
 
 ProgressFn = Callable[[int, int, str], None]  # (step index, total steps, expert name)
@@ -76,12 +76,11 @@ def denoise(
     """
     cond = condition or Condition()
     solver = make_solver(params.solver, params.steps, params.shift)
-    boundary = params.boundary * NUM_TRAIN_TIMESTEPS
     x, state = cond.impose(noise), solver.init_state()
-    counts = dict.fromkeys(experts, 0)
+    counts, names = dict.fromkeys(experts, 0), tuple(experts)
     timesteps = solver.timesteps.tolist()  # host ints: the expert choice needs no device sync
     for i, t in enumerate(timesteps):
-        name = "dit" if "dit" in experts else ("high_noise" if t >= boundary else "low_noise")
+        name = expert_for(names, t, params.boundary)
         scale = params.guidance_low_noise if name == "low_noise" else params.guidance_high_noise
         if params.cfg_steps is not None and i >= params.cfg_steps:
             scale = 1.0  # guidance truncated: one conditional pass from here on

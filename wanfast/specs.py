@@ -81,14 +81,18 @@ class ModelSpec:
         return len(self.experts)
 
     def expert_for(self, t: float, boundary: float) -> str:
-        """The expert that denoises timestep ``t`` (in [0, 1000]): high-noise while ``t >= boundary *
-        1000`` (official), the only one for a one-expert model."""
-        if not self.two_experts:
-            return self.experts[0]
-        return "high_noise" if t >= boundary * 1000 else "low_noise"
+        return expert_for(self.experts, t, boundary)
 
     def with_dit(self, dit: DiTConfig) -> ModelSpec:
         return replace(self, dit=dit)
+
+
+def expert_for(experts: tuple[str, ...], t: float, boundary: float) -> str:
+    """The expert that denoises timestep ``t`` (in [0, 1000]): high-noise while ``t >= boundary * 1000``
+    (official), the only one of a one-expert model."""
+    if experts != TWO_EXPERTS:
+        return experts[0]
+    return "high_noise" if t >= boundary * 1000 else "low_noise"
 
 
 def _size(value: object, where: str = "size") -> tuple[int, int]:
