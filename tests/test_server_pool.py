@@ -15,7 +15,7 @@ import pytest
 from wanfast.server.testing import ServerProcess, burst, wait_final, wait_for, wait_job
 
 LONG = {"size": "32x32", "frames": 1}  # tens of ms a step on a CPU: `steps` sets a job's length
-HANG = 5  # --worker-timeout: long enough for a heartbeat thread on a busy 2-core machine
+HANG = 15  # --worker-timeout: a heartbeat thread on a loaded 2-core machine can be starved for seconds
 
 
 @pytest.fixture(scope="module")
