@@ -226,3 +226,27 @@ def test_server_takes_a_good_image_and_refuses_bad_base64():
         validate_request(VideoRequest(prompt="a cat", image="not base64!"), SPEC, 1000)
     with pytest.raises(ConfigError, match="needs an image"):
         validate_request(VideoRequest(prompt="a cat"), SPEC, 1000)
+
+
+def test_server_job_with_an_image_runs_and_hides_the_stored_path(tmp_path):
+    """A tiny-i2v job submitted with a base64 image runs to the end through a real worker; the job's
+    request shows the image by its content hash, not by where the server stored it."""
+    import base64
+    import io
+
+    from wanfast.server.testing import ServerProcess, wait_final
+
+    buf = io.BytesIO()
+    sample_image(90, 60).save(buf, "PNG")
+    body = {"prompt": "a cat", "image": base64.b64encode(buf.getvalue()).decode(), "steps": 2, "frames": 5}
+    with (
+        ServerProcess(tmp_path, "--model", "tiny-i2v", "--device", "cpu") as server,
+        server.client() as client,
+    ):
+        r = client.post("/v1/videos", json=body)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["request"]["image"].startswith("sha256:") and str(tmp_path) not in str(job["request"])
+        done = wait_final(client, job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert (done["params"]["width"], done["params"]["height"]) == (64, 32)  # the 3:2 image in the 64x48 area

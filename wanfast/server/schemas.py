@@ -172,7 +172,7 @@ class VideoJob(BaseModel):
             **{k: getattr(job, k) for k in ("id", "state", "created_at", "started_at", "finished_at", "timings",
                                             "peak_memory_bytes", "attempts", "cancel_requested", "note", "worker")},
             # text a client sent (a job stored by an earlier version may hold what UTF-8 cannot encode)
-            request=utf8_safe(job.request), params=utf8_safe(job.params), error=redact_paths(job.error),
+            request=utf8_safe(_public(job.request)), params=utf8_safe(job.params), error=redact_paths(job.error),
             queue_position=queue_position,
             progress=Progress(
                 step=done, steps=job.steps, fraction=done / job.steps if job.steps else 0.0, expert=job.expert,
@@ -181,6 +181,14 @@ class VideoJob(BaseModel):
             ),
             content_url=f"/v1/videos/{job.id}/content" if job.state == "succeeded" else None,
         )  # fmt: skip
+
+
+def _public(request: dict) -> dict:
+    """The request as the client may see it: a stored image is named by its content hash, not by its path
+    on this server."""
+    if "image" not in request:
+        return request
+    return {**request, "image": "sha256:" + request["image"].rsplit("/", 1)[-1].removesuffix(".img")}
 
 
 class VideoList(BaseModel):
