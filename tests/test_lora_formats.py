@@ -222,6 +222,16 @@ def test_one_dit_model_takes_the_high_noise_strength(tmp_path):
         torch.testing.assert_close(merged.experts["dit"].get_parameter(param), want, atol=1e-6, rtol=0)
 
 
+def test_one_dit_model_refuses_a_low_noise_only_lora(tmp_path):
+    from wanfast.builder import plan
+
+    dit = tiny_pipeline(settings=_settings(), model="tiny-ti2v").experts["dit"]
+    path, _ = _write(tmp_path, "official-no-alpha", {k: tuple(p.shape) for k, p in dit.named_parameters()}, 9)
+    for settings in (_settings(loras=(LoraSpec(path, 0.0, 1.5),)), _settings(lora_low_noise=path)):
+        with pytest.raises(ConfigError, match="has only a low-noise one"):  # it would be dropped silently
+            plan("tiny-ti2v", settings)
+
+
 def test_other_model_kinds_are_named(tmp_path):
     t2v = SPECS["t2v-A14B"]
     # a TI2V-5B-shaped pair (dim 3072) on T2V-A14B (dim 5120)

@@ -112,9 +112,15 @@ def plan(
         from wanfast.loading.lora import check_lora_files, check_lora_settings
 
         check_lora_settings(settings)
-        if not spec.two_experts and settings.lora_low_noise:
+        low_only = [
+            x.path for x in settings.lora_stack() if x.strength_low_noise and not x.strength_high_noise
+        ]
+        if (
+            not spec.two_experts and low_only
+        ):  # it would be dropped without a word: the DiT takes the high one
             raise ConfigError(
-                f"{spec.name} has one DiT: give its LoRA as the high-noise one (--lora-high-noise)"
+                f"{spec.name} has one DiT, which takes the high-noise strength: {', '.join(low_only)} has only "
+                "a low-noise one (--lora FILE:STRENGTH, or --lora-high-noise)"
             )
         if fp8:
             raise ConfigError("LoRAs merge into bf16/fp32 weights: load the bf16 checkpoint with --quant fp8")
