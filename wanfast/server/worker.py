@@ -249,19 +249,23 @@ def main(argv: list[str] | None = None) -> int:
     store = JobStore(data_dir / "jobs.db") if rank == 0 else None
     state, info, device = {"name": "loading"}, {"pid": os.getpid()}, [None]
 
-    def heartbeat() -> None:  # in a thread: a long step must not make the worker look dead
+    def pulse() -> None:  # in a thread: a long step must not make the worker look dead
         while True:
             try:
                 os.write(beat_fd, b".\n")
             except OSError:
                 os._exit(0)  # the pool is gone
-            if store is not None:
-                try:
-                    memory = _memory(device[0]) if device[0] is not None else {}
-                    if not store.heartbeat(owner, state["name"], **info, **memory):
-                        os._exit(0)  # fenced off: a newer worker owns this slot
-                except sqlite3.Error as e:  # the pipe says this process lives; the store may be busy
-                    log.warning("heartbeat not recorded: %s", e)
+            time.sleep(HEARTBEAT_SECONDS)
+
+    def heartbeat() -> None:  # a thread of its own: a store write that waits on a lock (held, say, by a
+        # stopped worker) must not stop the pulse above, or the pool would replace this healthy worker too
+        while store is not None:
+            try:
+                memory = _memory(device[0]) if device[0] is not None else {}
+                if not store.heartbeat(owner, state["name"], **info, **memory):
+                    os._exit(0)  # fenced off: a newer worker owns this slot
+            except sqlite3.Error as e:  # the pulse says this process lives; the store may be busy
+                log.warning("heartbeat not recorded: %s", e)
             time.sleep(HEARTBEAT_SECONDS)
 
     def set_state(name: str) -> None:  # recorded now, not at the next beat: /health shows busy at once
@@ -271,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         except sqlite3.Error as e:
             log.warning("state not recorded: %s", e)
 
+    threading.Thread(target=pulse, name="pulse", daemon=True).start()
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
     broadcast = _control_group(world)
     own = {**cfg, "device": _device(cfg, rank, world)}
