@@ -64,7 +64,10 @@ def interrupted(server, client, sig: signal.Signals, reason: str) -> None:
     assert done["state"] == "succeeded" and done["attempts"] == 2, done
     assert done["note"].startswith(f"re-queued: worker {victim['worker']} {reason} at step "), done["note"]
     kept = wait_final(client, other["id"], timeout=120)
-    assert kept["state"] == "succeeded" and kept["attempts"] == 1 and kept["note"] is None, (kept["note"], kept)
+    assert kept["state"] == "succeeded" and kept["attempts"] == 1 and kept["note"] is None, (
+        kept["note"],
+        kept,
+    )
     assert kept["worker"] == other["worker"]
     assert pid not in server.worker_pids(), "the old process must be gone (killed, not left stopped)"
     after = metrics(client)
