@@ -19,8 +19,6 @@ MIN_SIDE = 16  # pixels: below one VAE stride per side there is nothing left to 
 MAX_PIXELS = 8192 * 8192  # 64 MP: checked from the header, before the pixels are decoded
 MAX_FILE_BYTES = 64 * 2**20
 
-ImageLike = "str | os.PathLike | bytes | PIL.Image.Image | torch.Tensor"
-
 
 def _check_size(width: int, height: int, where: str) -> None:
     if min(width, height) < MIN_SIDE:
