@@ -101,19 +101,45 @@ def test_switch_off_leaves_module_untouched(plain):
     assert all(after[k].stride() == s and torch.equal(after[k], v) for k, (s, v) in before.items())
 
 
+def video(frames: int = 9, seed: int = 6) -> torch.Tensor:
+    return torch.rand(1, 3, frames, 32, 48, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
 @torch.no_grad()
-def test_state_dict_and_encode_unchanged(plain):
+def test_state_dict_unchanged(plain):
     ref = plain["tiny"]
     fast = optimize_vae(copy.deepcopy(ref), CPU, conv2d_split=True)
     assert optimize_vae(fast, CPU) is fast  # already optimised: left as is
     want, got = ref.state_dict(), fast.state_dict()
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
-    assert type(fast.encoder.conv1) is CausalConv3d  # encode keeps the plain modules
-    x = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    assert torch.equal(fast.encode(x), ref.encode(x))
     # Weights load into the re-laid-out parameters as usual.
     fast.load_state_dict(want)
     assert rel_err(fast.decode(latents(2)), ref.decode(latents(2))) <= 1e-5
+    assert rel_err(fast.encode(video()), ref.encode(video())) <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg,opt", [("tiny", o) for o in ("default", "split", "ncdhw_split", "no_fusion")]
+                         + [("nrb2", "default")])  # fmt: skip
+def test_encode_fp32_matches_plain(plain, cfg, opt):
+    """The encoder rewrite (an image + zero frames, as I2V encodes it, and a random video): the same sums
+    in another order, fp32 -> rel err 1e-5, as the decode."""
+    ref = plain[cfg]
+    fast = optimize_vae(copy.deepcopy(ref), CPU, **OPTIONS[opt])
+    assert type(fast.encoder).__name__ == "FastEncoder"
+    i2v = torch.cat([video(1), torch.zeros(1, 3, 8, 32, 48)], 2)
+    for x in (video(), i2v):
+        want, got = ref.encode(x), fast.encode(x)
+        assert got.shape == want.shape == (1, 16, 3, 4, 6) and got.dtype == torch.float32
+        assert rel_err(got, want) <= 1e-5
+
+
+@torch.no_grad()
+def test_encoder_off_is_plain(plain):
+    ref = plain["tiny"]
+    fast = optimize_vae(copy.deepcopy(ref), CPU, encoder=False)
+    assert type(fast.encoder.conv1) is CausalConv3d  # encode keeps the plain modules: exact
+    assert torch.equal(fast.encode(video()), ref.encode(video()))
 
 
 def test_bad_options_raise(plain):

@@ -4,8 +4,7 @@ equivalent, faster one.
 ``wanfast.models.vae`` stays the eager reference. The transform swaps the classes of the decoder's modules
 (and of the ``WanVAE`` itself) for subclasses with other forwards and changes weights' memory layout;
 parameter names, shapes and values stay, so ``state_dict`` is unchanged. Apply it after the weights load.
-Encode is untouched. Each choice is a field of ``VAEDecodeOptions`` so benchmarks/vae_gpu_bench.py can
-measure it alone:
+Each choice is a field of ``VAEDecodeOptions`` so benchmarks/vae_gpu_bench.py can measure it alone:
 
 - cudnn_benchmark: cuDNN times its conv algorithms once per shape (set only while decoding).
 - channels_last: weights and activations NDHWC, the layout of cuDNN's tensor-core conv kernels; the frames
@@ -18,8 +17,10 @@ measure it alone:
 - subpixel_upsample: nearest 2x + 3x3 conv == a 2x2 conv with 4x the output channels on the small frames,
   phases interleaved after: 2.25x fewer FLOPs and no 4x-sized upsampled tensor.
 - prealloc_output: each chunk goes straight into the fp32 output video (no list of chunks + torch.cat).
+- encoder: the encoder (the I2V image encode: 81 frames at 720p) gets the same causal conv, layout and fused
+  norm rewrites (its downsamplers run as before, on the same layout); off, encode is the plain one.
 
-The Wan2.2 VAE shares those blocks (its upsamplers keep their width: the sub-pixel rewrite reads the conv's
+The Wan2.2 VAE's encoder stays plain (TI2V encodes one frame). The Wan2.2 VAE shares those blocks (its upsamplers keep their width: the sub-pixel rewrite reads the conv's
 shapes) and always adds its stages' DupUp3d shortcuts in place, through a strided view of the stage output.
 """
 
@@ -38,6 +39,7 @@ from wanfast.kernels import vae_norm
 from wanfast.models.vae import (
     CausalConv3d,
     Decoder,
+    Encoder,
     Resample,
     ResidualBlock,
     RMSNorm,
@@ -61,6 +63,7 @@ class VAEDecodeOptions:
     fused_norm: str | None = "triton"
     subpixel_upsample: bool = True
     prealloc_output: bool = True
+    encoder: bool = True
 
     def __post_init__(self) -> None:
         if self.fused_norm not in NORM_IMPLS:
@@ -179,6 +182,14 @@ class FastDecoder(Decoder):
         return _norm_silu_conv(self.head[0], self.head[2], x, cache, self.norm_impl)
 
 
+class FastEncoder(Encoder):
+    norm_impl: str | None
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        x = _run(self.middle, _run(self.downsamples, self.conv1(x, cache), cache), cache)
+        return _norm_silu_conv(self.head[0], self.head[2], x, cache, self.norm_impl)
+
+
 class FastUpStage(UpStage):
     """A Wan2.2 decoder stage adding its ``DupUp3d`` shortcut into the output in place: the output viewed
     as [B, C', ft, fs, fs, T, H, W] += the input broadcast over the repeats (no repeated, permuted copy
@@ -278,9 +289,12 @@ class FastWanVAE(WanVAE):
     decode_options: VAEDecodeOptions
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """``WanVAE.encode`` with the plain modules, under ``cudnn_benchmark`` (cuDNN times its conv
-        algorithms once per shape: the I2V / TI2V image encode); nothing else changes (exact on the CPU)."""
-        with _decode_flags(replace(self.decode_options, fused_norm=None)):
+        """``WanVAE.encode`` under ``cudnn_benchmark`` (cuDNN times its conv algorithms once per shape), with
+        the rewritten encoder modules and the video in their layout when ``encoder`` is on."""
+        opts = self.decode_options
+        if opts.encoder and opts.channels_last and isinstance(self.encoder, FastEncoder):
+            video = video.contiguous(memory_format=torch.channels_last_3d)  # [B, 3, F, H, W], NDHWC
+        with _decode_flags(opts if opts.encoder else replace(opts, fused_norm=None)):
             return super().encode(video)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -346,7 +360,9 @@ def optimize_vae(vae: WanVAE, settings: EngineSettings, **options: object) -> Wa
         return vae
     opts = replace(VAEDecodeOptions(), **options)
     fmt = torch.channels_last_3d if opts.channels_last else torch.contiguous_format
-    for m in vae.decoder.modules():
+    wan22 = isinstance(vae, Wan22VAE)
+    parts = [vae.decoder] + ([vae.encoder] if opts.encoder and not wan22 else [])
+    for m in (m for part in parts for m in part.modules()):
         if isinstance(m, CausalConv3d) and opts.causal_conv:
             m.__class__ = FastCausalConv3d
             m.memory_format = fmt
@@ -361,9 +377,11 @@ def optimize_vae(vae: WanVAE, settings: EngineSettings, **options: object) -> Wa
             m.__class__ = FastUpStage
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             _layout_weights(m, opts)
-    wan22 = isinstance(vae, Wan22VAE)
     vae.decoder.__class__ = FastDecoder22 if wan22 else FastDecoder
     vae.decoder.norm_impl = opts.fused_norm
+    if vae.encoder in parts:
+        vae.encoder.__class__ = FastEncoder
+        vae.encoder.norm_impl = opts.fused_norm
     vae.__class__ = FastWan22VAE if wan22 else FastWanVAE
     vae.decode_options = opts
     return vae
