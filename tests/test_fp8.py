@@ -214,3 +214,31 @@ def test_gemm_path_follows_the_run_device_not_where_weights_were_built(monkeypat
     dit2 = WanDiT(SPECS["tiny"].dit).eval()
     optimize_dit(dit2, replace(settings, device="cpu"))
     assert not any(layer.use_scaled_mm for layer in fp8_modules(dit2).values()) and compiled == [dit]
+
+
+def test_lora_merges_before_quantisation(tiny_official, tmp_path):
+    """The turbo combination (a LoRA + ``--quant fp8``): the builder merges the LoRA into the bf16 weights
+    (fp32 sum, one cast) and quantises the merged weights; quantising first and merging after could not
+    even be written back into e4m3. Equal bit for bit to quantising the merged model by hand."""
+    from test_lora import _pairs, _write
+
+    from wanfast.api import load_pipeline
+
+    bf16 = EngineSettings(device="cpu", dtype=torch.bfloat16, vae_dtype=torch.float32, compile=False)
+    base = load_pipeline(tiny_official, settings=bf16.plain())
+    lora = _write(tmp_path / "l.safetensors", _pairs(base.experts["high_noise"].float(), seed=3), "kohya")
+    with_lora = replace(bf16, lora_high_noise=lora, lora_low_noise=lora)
+    merged = load_pipeline(tiny_official, settings=with_lora)  # fused q/k/v, bf16
+    turbo = load_pipeline(tiny_official, settings=replace(with_lora, quant="fp8"))
+    base_q = load_pipeline(tiny_official, settings=replace(bf16, quant="fp8"))
+    for expert in ("high_noise", "low_noise"):
+        got = fp8_modules(turbo.experts[expert])
+        want = fp8_modules(quantize_dit_(merged.experts[expert]))
+        plain = fp8_modules(base_q.experts[expert])
+        assert got and list(got) == list(want)
+        for name, m in got.items():
+            assert torch.equal(m.qweight.view(torch.uint8), want[name].qweight.view(torch.uint8)), name
+            assert torch.equal(m.scale, want[name].scale), name
+        changed = [n for n in got if not torch.equal(got[n].qweight.view(torch.uint8),
+                                                     plain[n].qweight.view(torch.uint8))]  # fmt: skip
+        assert changed  # the LoRA reached the FP8 weights
