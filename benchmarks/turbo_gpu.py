@@ -1,0 +1,125 @@
+"""Issue #17 part 1 on nvidia-h200: the turbo combination end to end, T2V-A14B at real dims, random weights.
+
+Turbo = ``--sampling-preset lightning-4step`` (4 Euler steps, guidance 1: one DiT pass per step) with the
+fast mode ``--quant fp8 --self-attention fa3-fp8``, bf16 VAE, in a warm process: text encoding, 4 steps, VAE
+decode and the MP4 written, as ``wanfast generate`` runs them (``WanPipeline.run`` + ``video.write_mp4``).
+Per size: one warm-up run (compile, cuDNN autotuning), then ``--repeats`` timed runs.
+
+Quality (random weights, so a statement about the arithmetic, not about pictures): the 4-step FP8 video
+against the 4-step bf16 video of the same weights, prompt and seed (the bf16 pipeline runs first, once per
+size, then is freed): video PSNR / SSIM and the final latents' relative error.
+
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/turbo_gpu.py --sizes 1280x720,832x480 --out turbo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from wanfast.config import EngineSettings
+from wanfast.presets import sampling_overrides
+from wanfast.specs import SPECS, parse_size
+from wanfast.tools.compare import compare_latents, compare_videos
+from wanfast.tools.synthetic import random_pipeline
+from wanfast.video import write_mp4
+
+PROMPT = "a red fox trotting through fresh snow in a pine forest at dawn, cinematic, slow motion"
+FAST = {"quant": "fp8", "self_attention_backend": "fa3-fp8"}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_run(pipe, params, folder: Path, name: str) -> tuple[dict, object]:
+    """One request as ``wanfast generate`` runs it: pipeline + MP4, wall clock, GPU synchronised."""
+    _sync()
+    t0 = time.perf_counter()
+    result = pipe.run(params)
+    _sync()
+    t1 = time.perf_counter()
+    write_mp4(result.frames, folder / f"{name}.mp4", fps=pipe.defaults.fps)
+    total = time.perf_counter() - t0
+    return {"total_s": total, "run_s": t1 - t0, "write_mp4_s": total - (t1 - t0), **result.timings}, result
+
+
+def run_engine(args, label: str, settings: EngineSettings, repeats: int, tmp: Path):
+    """Build, then per size a warm-up run and ``repeats`` timed ones (0: the warm-up is the result)."""
+    spec, cuda = SPECS[args.model], args.device == "cuda"
+    t0 = time.perf_counter()
+    pipe = random_pipeline(spec, args.device, torch.bfloat16, torch.bfloat16, seed=0, settings=settings)
+    out = {"build_s": time.perf_counter() - t0, "sizes": {}}
+    results = {}
+    for w, h in args.size_list:
+        over = sampling_overrides("lightning-4step", spec)
+        params = pipe.params(PROMPT, size=f"{w}x{h}", frames=args.frames, seed=0, **over)
+        warm, result = timed_run(pipe, params, tmp, f"{label}_warm")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        runs = []
+        for i in range(repeats):
+            r, result = timed_run(pipe, params, tmp, f"{label}_{w}x{h}_{i}")
+            runs.append(r)
+        best = min(runs or [warm], key=lambda r: r["total_s"])
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        out["sizes"][f"{w}x{h}"] = {
+            "warmup": warm,
+            "runs": runs,
+            "best_total_s": best["total_s"],
+            "peak_GiB": peak,
+        }
+        results[(w, h)] = result
+        print(f"[{label}] {w}x{h}x{args.frames}: {best['total_s']:.2f} s end to end "
+              f"(steps {best.get('denoise', 0):.2f} s, decode {best.get('vae_decode', 0):.2f} s)", flush=True)  # fmt: skip
+    del pipe
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1280x720,832x480")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="turbo.json")
+    ap.add_argument("--model", default="t2v-A14B", help="tiny: the CPU test of this script")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    args.size_list = [parse_size(s) for s in args.sizes.split(",")]
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("WANFAST_COMMIT", "unknown"),
+                 "device": dev, "model": args.model, "torch": torch.__version__, "frames": args.frames,
+                 "preset": "lightning-4step", "fast": FAST, "vae_dtype": "bf16",
+                 "weights": "random (quality numbers compare arithmetic, not pictures)"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        res["bf16"], ref = run_engine(args, "bf16", EngineSettings(), 0, Path(tmp))
+        fast = replace(EngineSettings(), **FAST) if args.device == "cuda" else EngineSettings(quant="fp8")
+        res["turbo"], got = run_engine(args, "turbo", fast, args.repeats, Path(tmp))
+    res["quality"] = {}
+    for key in ref:
+        vid, lat = (
+            compare_videos(got[key].frames, ref[key].frames),
+            compare_latents(got[key].latents, ref[key].latents),
+        )
+        q = {"video_psnr_db": vid["psnr_db"], "video_ssim": vid["ssim"], "latent_rel_err": lat["rel_err"]}
+        res["quality"][f"{key[0]}x{key[1]}"] = q
+        print(f"[quality] {key[0]}x{key[1]}: 4-step FP8 vs 4-step bf16 video PSNR {q['video_psnr_db']:.2f} dB, "
+              f"SSIM {q['video_ssim']:.4f}, latents rel err {q['latent_rel_err']:.4f}", flush=True)  # fmt: skip
+    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
