@@ -189,6 +189,15 @@ def assemble(spec: ModelSpec, text_encoder, experts: dict, vae, settings: Engine
     from wanfast.pipeline import WanPipeline
 
     pipe = optimize_pipeline(WanPipeline(spec, text_encoder, experts, vae, settings))
+    compiled = (
+        settings.compile if settings.compile is not None else torch.device(settings.device).type == "cuda"
+    )
+    if compiled and settings.compile_cache:  # before the first forward compiles anything
+        from wanfast.accel.compile_cache import compile_cache_for
+        from wanfast.accel.fp8 import fp8_modules
+
+        fp8 = any(fp8_modules(e) for e in experts.values())
+        pipe.compile_cache = compile_cache_for(spec.name, settings, fp8)
     if settings.cfg_parallel or settings.ulysses > 1:
         from wanfast.parallel import parallelize
 
