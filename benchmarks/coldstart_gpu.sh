@@ -18,7 +18,8 @@
 #   fp8_warm_serial    as warm_cached with WANFAST_LOAD_THREADS=0 (text encoder not loaded beside experts)
 #   bf16_cold, bf16_warm  one bf16 expert read cold then warm in one process; --no-compile
 # Environment: SPEC (t2v-A14B), GEN (generate flags of the FP8 runs), GEN_BF16, PROMPT, DEVICE (cuda),
-# H2D_GIB (8), GEN_TIMEOUT (s, 300).
+# H2D_GIB (8), GEN_TIMEOUT (s, 300), FP8_RUNS (which of the four FP8 runs, in order; default all: to save
+# device time, e.g. FP8_RUNS="cold_compile warm_cached").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=$1
@@ -74,10 +75,15 @@ fp8)
     printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_fp8_cold.json"
     "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_cold.json"
     "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_warm.json"
-    gen fp8_cold_compile cold fresh "${gen_flags[@]}"
-    gen fp8_warm_cached warm keep "${gen_flags[@]}"
-    gen fp8_cold_cached cold keep "${gen_flags[@]}"
-    WANFAST_LOAD_THREADS=0 gen fp8_warm_serial warm keep "${gen_flags[@]}"
+    for run in ${FP8_RUNS:-cold_compile warm_cached cold_cached warm_serial}; do
+        case $run in
+        cold_compile) gen fp8_cold_compile cold fresh "${gen_flags[@]}" ;;
+        warm_cached) gen fp8_warm_cached warm keep "${gen_flags[@]}" ;;
+        cold_cached) gen fp8_cold_cached cold keep "${gen_flags[@]}" ;;
+        warm_serial) WANFAST_LOAD_THREADS=0 gen fp8_warm_serial warm keep "${gen_flags[@]}" ;;
+        *) echo "unknown FP8 run $run" >&2 ;;
+        esac
+    done
     ;;
 write-bf16)
     rm -rf "$CKPT"/high_noise_model "$CKPT"/low_noise_model
