@@ -160,9 +160,18 @@ def _write_tiny(spec: ModelSpec, folder: Path, seed: int) -> CheckpointPaths:
     return detect_folder(folder)[1]
 
 
+def _parallel_load() -> bool:
+    """The text encoder loads in a thread beside the experts (file reads and copies release the GIL);
+    ``WANFAST_LOAD_THREADS=0`` loads one component after the other."""
+    return os.environ.get("WANFAST_LOAD_THREADS", "1") != "0"
+
+
 def build(p: BuildPlan):
     """Step 2 (module docstring): the ready ``WanPipeline``."""
-    from wanfast.loading.layout import load_text_encoder, load_vae
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wanfast import timeline
+    from wanfast.loading.layout import dit_config, load_text_encoder, load_vae
     from wanfast.memory import enforce_memory_budget
 
     if p.memory_note:
@@ -170,16 +179,30 @@ def build(p: BuildPlan):
     s = p.settings
     enforce_memory_budget(s)
     with tempfile.TemporaryDirectory(prefix="wanfast-tiny-") as tmp:  # a tiny model's files, gone after load
-        paths = p.paths or _write_tiny(p.spec, Path(tmp), p.seed)
+        with timeline.span("write_tiny_model"):
+            paths = p.paths or _write_tiny(p.spec, Path(tmp), p.seed)
+        te_device = s.text_encoder_device or s.device
+        text_len = dit_config(paths.first_expert)[0].text_len  # the checkpoint's config, as the expert's
+
+        def text_encoder():
+            nbytes = timeline.files_bytes(paths.text_encoder)
+            with timeline.span("load_text_encoder", nbytes):
+                return load_text_encoder(paths.text_encoder, paths.tokenizer, te_device, s.dtype, text_len)
+
         # With an offload mode the experts load into CPU memory; apply_offload then puts on the device only
         # what that mode keeps there, so loading never needs both experts on the GPU at once.
         expert_device = "cpu" if s.offload else s.device
-        experts = {name: _load_expert(name, path, expert_device, s) for name, path in paths.experts.items()}
-        text_len = next(iter(experts.values())).cfg.text_len
-        te_device = s.text_encoder_device or s.device
-        text_encoder = load_text_encoder(paths.text_encoder, paths.tokenizer, te_device, s.dtype, text_len)
-        vae = load_vae(paths.vae, s.device, s.vae_dtype)
-    return assemble(p.spec, text_encoder, experts, vae, s)
+        with ThreadPoolExecutor(1, thread_name_prefix="wanfast-load") as pool:
+            te_future = pool.submit(text_encoder) if _parallel_load() else None
+            experts = {}
+            for name, path in paths.experts.items():
+                with timeline.span(f"load_expert_{name}", timeline.files_bytes(path)):
+                    experts[name] = _load_expert(name, path, expert_device, s)
+            te = te_future.result() if te_future is not None else text_encoder()
+        with timeline.span("load_vae", timeline.files_bytes(paths.vae)):
+            vae = load_vae(paths.vae, s.device, s.vae_dtype)
+    with timeline.span("accel"):
+        return assemble(p.spec, te, experts, vae, s)
 
 
 def assemble(spec: ModelSpec, text_encoder, experts: dict, vae, settings: EngineSettings):
@@ -189,6 +212,15 @@ def assemble(spec: ModelSpec, text_encoder, experts: dict, vae, settings: Engine
     from wanfast.pipeline import WanPipeline
 
     pipe = optimize_pipeline(WanPipeline(spec, text_encoder, experts, vae, settings))
+    compiled = (
+        settings.compile if settings.compile is not None else torch.device(settings.device).type == "cuda"
+    )
+    if compiled and settings.compile_cache:  # before the first forward compiles anything
+        from wanfast.accel.compile_cache import compile_cache_for
+        from wanfast.accel.fp8 import fp8_modules
+
+        fp8 = any(fp8_modules(e) for e in experts.values())
+        pipe.compile_cache = compile_cache_for(spec.name, settings, fp8)
     if settings.cfg_parallel or settings.ulysses > 1:
         from wanfast.parallel import parallelize
 

@@ -79,6 +79,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--save-latents", type=Path, default=None, help="also write the final latents (safetensors)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--timings", type=Path, default=None, metavar="FILE",
+                   help="write where this process spent its time as JSON: imports, each component's load, "
+                   "compile, first step, decode, MP4 (seconds since process start)")  # fmt: skip
     add_engine_flags(p)
     pool = p.add_argument_group("many prompts on many GPUs")
     pool.add_argument("--gpus", default=None, metavar="LIST",
@@ -203,6 +206,16 @@ def _on_stage(args: argparse.Namespace, rank: int):
 
 
 def generate(args: argparse.Namespace) -> int:
+    if args.timings is not None:
+        from wanfast import timeline
+
+        timeline.start()
+        import torch  # noqa: F401  (the imports, timed as one span from process start)
+
+        import wanfast.builder
+        import wanfast.pipeline  # noqa: F401
+
+        timeline.mark("imports")
     from wanfast.builder import open_model, plan
 
     # The model's spec from the checkpoint's config files (no weights), then every request field (every
@@ -228,6 +241,10 @@ def generate(args: argparse.Namespace) -> int:
         params = spec_params(spec, _read_prompt(args), image, _overrides(args))
         sizes = [(params.width, params.height, params.frames)]
     bp = plan(model, engine_settings(args), sizes)  # attention, split and memory checked: still no weights
+    if args.timings is not None:
+        from wanfast import timeline
+
+        timeline.mark("planned")
 
     import torch
 
@@ -242,6 +259,10 @@ def generate(args: argparse.Namespace) -> int:
     if bp.memory_note and rank == 0:
         print(bp.memory_note, file=sys.stderr)
     pipe = build(bp)
+    if args.timings is not None:
+        from wanfast import timeline
+
+        timeline.mark("built", sync=True)
     if rank == 0:
         from wanfast import attention
 
@@ -261,13 +282,22 @@ def generate(args: argparse.Namespace) -> int:
 
     fps = args.fps or spec.defaults.fps
     progress_for, on_stage = _progress_for(args, rank), _on_stage(args, rank)
+    if args.timings is not None:
+        from wanfast.timeline import timed_progress
+
+        progress_for = timed_progress(progress_for)
     if items is not None:
         from wanfast.batch import run_batch
 
         def write_item(result, item, item_fps: int) -> None:
             write(result, item.output, item.latents, item_fps)
 
-        return run_batch(pipe, items, fps, write_item, progress_for, rank, on_stage)
+        rc = run_batch(pipe, items, fps, write_item, progress_for, rank, on_stage)
+        if args.timings is not None and rank == 0:
+            from wanfast.timeline import write_timings
+
+            write_timings(args.timings, args, bp, None)
+        return rc
     try:
         result = pipe.run(params, progress_for(params), image=image, on_stage=on_stage)
     except torch.OutOfMemoryError as e:
@@ -275,6 +305,10 @@ def generate(args: argparse.Namespace) -> int:
     if rank != 0:  # every rank holds the same result; only rank 0 writes
         return 0
     write(result, args.output, args.save_latents, fps)
+    if args.timings is not None:
+        from wanfast.timeline import write_timings
+
+        write_timings(args.timings, args, bp, result)
     print(_summary(result, fps, args.output))
     return 0
 

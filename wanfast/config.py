@@ -325,6 +325,9 @@ class EngineSettings:
     # None: inductor's defaults; "coordinate-descent" tunes the fused kernels' launch configs, "max-autotune"
     # also autotunes GEMM templates (accel/compile.py COMPILE_MODES; longer first compile, measure first)
     compile_mode: str | None = None
+    # a folder for torch.compile's artifacts, reused by later processes and machines (accel/compile_cache.py);
+    # None: inductor's default per-user temporary cache
+    compile_cache: str | None = None
     cuda_graphs: bool = False  # capture the DiT forward in a CUDA graph (off unless measured to pay)
     optimize_vae: bool = True  # VAE decode layout/algorithm choices from accel.vae (measured)
     quant: str | None = None  # lossy, opt-in: "fp8" = FP8 e4m3 DiT linears (accel.fp8)

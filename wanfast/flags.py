@@ -52,6 +52,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--no-compile", action="store_true", help="no regional torch.compile of the DiT blocks")
     opt.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                      help="tune inductor's kernels (longer first compile; default: inductor's defaults)")  # fmt: skip
+    opt.add_argument("--compile-cache", default=None, metavar="DIR",
+                     help="keep torch.compile's artifacts in DIR (one set per model and size) and reuse them in "
+                     "later processes, on this or another machine of the same kind")  # fmt: skip
     opt.add_argument("--no-fuse", action="store_true", help="separate Q/K/V (and K/V) projections")
     opt.add_argument("--no-cache", action="store_true", help="no cross-attention K/V and RoPE caches")
     opt.add_argument("--no-vae-opt", action="store_true", help="the plain VAE decode")
@@ -106,6 +109,7 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
         lora_strength=args.lora_strength,
         lora_merge=not args.lora_separate,
         compile_mode=args.compile_mode,
+        compile_cache=str(args.compile_cache) if args.compile_cache else None,
     )
     if args.plain:
         return settings.plain()

@@ -136,6 +136,7 @@ class WanPipeline:
         self.settings = settings
         self.device = torch.device(settings.device)
         self.parallel = None  # a wanfast.parallel.ParallelRuntime when the run is split over ranks
+        self.compile_cache = None  # an accel.compile_cache.CompileCache under --compile-cache
 
     @property
     def defaults(self):
@@ -242,6 +243,9 @@ class WanPipeline:
         with timer.stage("conditioning"):
             condition = conditioning.prepare(self.spec, self.vae, image, params, self.device)
 
+        size = (params.width, params.height, params.frames)
+        if self.compile_cache is not None:  # this size's compiled graphs, if an earlier process saved them
+            self.compile_cache.load([size])
         ctx, ctx_null = [context], [context_null]  # the same two objects every step (step-cache branches)
         cache, counter = self.step_cache(params, ctx, ctx_null), ForwardCounter(self.experts)
         with timer.stage("denoise"), installed(self.experts, cache):
@@ -249,6 +253,8 @@ class WanPipeline:
                 counter.experts, noise, ctx, ctx_null, params, progress, on_expert,
                 par.predict if par else guided_prediction, condition,
             )  # fmt: skip
+        if self.compile_cache is not None:
+            self.compile_cache.save(size)  # no-op once this size's file exists
         edges = [s[1] for s in stamps] + [time.perf_counter()]
         for (name, _), a, b in zip(stamps, edges[:-1], edges[1:], strict=True):
             timer.timings[f"denoise_{name}"] = b - a

@@ -117,7 +117,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     base = EngineSettings(
         device=str(device), dtype=dtype, vae_dtype=vae_dtype, attention_backend=args.attention,
         self_attention_backend=args.self_attention, quant=args.quant, compile_mode=args.compile_mode,
-        fp8_row_kernels=not args.no_fp8_row_kernels,
+        compile_cache=args.compile_cache, fp8_row_kernels=not args.no_fp8_row_kernels,
     )  # fmt: skip
     engines = [Engine(n, "wanfast", engine_settings(n, base)) for n in args.compare]
     gen_engines = list(engines)
@@ -375,6 +375,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--no-fp8-row-kernels", action="store_true", help="FP8 linears quantise their input with torch ops")
     add("--compile-mode", choices=COMPILE_MODES, default=None,
         help="inductor tuning of every compiled wanfast engine (default: inductor's defaults)")  # fmt: skip
+    add("--compile-cache", default=None, metavar="DIR", help="torch.compile artifacts kept in DIR and reused")
     add("--seed", type=int, default=0)
     add("--check", action="store_true", help="relative error of each engine's final latents vs eager")
     add("--check-tol", type=float, default=2e-2, help="--check exits 1 above this (default 2e-2)")

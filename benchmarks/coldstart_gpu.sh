@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Cold start of a fresh `wanfast generate` (issue #17 part 2) on nvidia-h200 (64 GiB disk, root), in stages,
+# each one device call (< 10 min; ~8 min for all five at the defaults):
+#   bash benchmarks/coldstart_gpu.sh write-fp8 COMMIT   # UMT5 + VAE + both FP8 experts, ~41 GB  (~1-2 min)
+#   bash benchmarks/coldstart_gpu.sh fp8 COMMIT         # h2d probe, dd cold/warm, 4 generate runs (~4 min)
+#   bash benchmarks/coldstart_gpu.sh write-bf16 COMMIT  # FP8 experts out, one bf16 expert in (28.6 GB)
+#   bash benchmarks/coldstart_gpu.sh bf16 COMMIT        # dd cold, generate cold / warm (no compile)
+#   bash benchmarks/coldstart_gpu.sh summary COMMIT     # $OUT/coldstart/summary.json
+#   bash benchmarks/coldstart_gpu.sh all COMMIT         # the five in a row (for the CPU test; too long on GPU)
+# Checkpoints: random weights at real dims in the official layout (benchmarks/coldstart_gpu.py write), under
+# $CKPT (default /tmp/wf/cold/ckpt: local disk). The bf16 set is one expert whose low-noise folder links to
+# the high-noise one: a generate reads its files from disk (cold) and then again from the page cache.
+# Cold = `sync; echo 3 > /proc/sys/vm/drop_caches` before the run (DROP=0 skips it; meta_*.json say which).
+# Generate runs (--timings JSON each, all under $OUT/coldstart):
+#   fp8_cold_compile   page cache cold, empty --compile-cache: the first process on a fresh machine
+#   fp8_warm_cached    page cache warm, the compile cache from the run before (a second process)
+#   fp8_cold_cached    page cache cold, compile cache filled: a restart after the cache was built
+#   fp8_warm_serial    as warm_cached with WANFAST_LOAD_THREADS=0 (text encoder not loaded beside experts)
+#   bf16_cold, bf16_warm  one bf16 expert read cold then warm in one process; --no-compile
+# Environment: SPEC (t2v-A14B), GEN (generate flags of the FP8 runs), GEN_BF16, PROMPT, DEVICE (cuda),
+# H2D_GIB (8), GEN_TIMEOUT (s, 300), FP8_RUNS (which of the four FP8 runs, in order; default all: to save
+# device time, e.g. FP8_RUNS="cold_compile warm_cached").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=$1
+export WANFAST_COMMIT=${2:-unknown}
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+SPEC=${SPEC:-t2v-A14B}
+CKPT=${CKPT:-/tmp/wf/cold/ckpt}
+CC=${CC:-/tmp/wf/cold/compile_cache}
+VIDEOS=${VIDEOS:-/tmp/wf/cold/videos}
+o=${OUT:-/tmp/out}/coldstart
+DEVICE=${DEVICE:-cuda}
+PROMPT=${PROMPT:-a red fox running through fresh snow at dawn}
+read -r -a gen_flags <<< "${GEN:---size 832x480 --frames 81 --sampling-preset lightning-4step --self-attention fa3-fp8}"
+read -r -a bf16_flags <<< "${GEN_BF16:---size 832x480 --frames 81 --sampling-preset lightning-4step --no-compile}"
+helper=(python3 benchmarks/coldstart_gpu.py)
+mkdir -p "$o" "$CKPT" "$VIDEOS"
+
+drop() {  # 1 when the page cache was dropped, 0 when not (DROP=0 or not allowed)
+    if [ "${DROP:-1}" = 1 ] && sync && echo 3 2> /dev/null > /proc/sys/vm/drop_caches; then echo 1; else echo 0; fi
+}
+
+gen() {  # NAME PAGE_CACHE(cold|warm) COMPILE_CACHE(fresh|keep|none) [extra generate flags...]
+    local name=$1 state=$2 cache=$3 dropped=0 cc=() t0 rc
+    shift 3
+    case $cache in fresh) rm -rf "$CC"; cc=(--compile-cache "$CC") ;; keep) cc=(--compile-cache "$CC") ;; esac
+    [ "$state" = cold ] && dropped=$(drop)
+    t0=$(date +%s%N)
+    timeout "${GEN_TIMEOUT:-300}" python3 -m wanfast generate --ckpt-dir "$CKPT" --device "$DEVICE" \
+        --prompt "$PROMPT" --no-progress --output "$VIDEOS/$name.mp4" --timings "$o/gen_$name.json" \
+        "${cc[@]}" "$@" > "$o/gen_$name.log" 2>&1
+    rc=$?
+    ms=$((($(date +%s%N) - t0) / 1000000))
+    printf '{"name": "%s", "page_cache": "%s", "dropped": %s, "compile_cache": "%s", "rc": %d, "wall_s": %d.%03d, "flags": "%s"}\n' \
+        "$name" "$state" "$dropped" "$cache" "$rc" $((ms / 1000)) $((ms % 1000)) "$*" > "$o/meta_$name.json"
+    echo "== $name: rc=$rc page cache $state (dropped=$dropped), compile cache $cache"
+    tail -n 4 "$o/gen_$name.log"
+}
+
+case "$stage" in
+write-fp8)
+    df -h "$CKPT" | tail -n 1
+    rm -rf "$CKPT"/high_noise_model "$CKPT"/low_noise_model
+    "${helper[@]}" write --spec "$SPEC" --root "$CKPT" --what rest --device "$DEVICE" --out "$o/write_rest.json"
+    "${helper[@]}" write --spec "$SPEC" --root "$CKPT" --what fp8 --device "$DEVICE" --out "$o/write_fp8.json"
+    df -h "$CKPT" | tail -n 1
+    ;;
+fp8)
+    [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "${helper[@]}" h2d --gib "${H2D_GIB:-8}" --device "$DEVICE" --out "$o/h2d.json"
+    printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_fp8_cold.json"
+    "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_cold.json"
+    "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_warm.json"
+    for run in ${FP8_RUNS:-cold_compile warm_cached cold_cached warm_serial}; do
+        case $run in
+        cold_compile) gen fp8_cold_compile cold fresh "${gen_flags[@]}" ;;
+        warm_cached) gen fp8_warm_cached warm keep "${gen_flags[@]}" ;;
+        cold_cached) gen fp8_cold_cached cold keep "${gen_flags[@]}" ;;
+        warm_serial) WANFAST_LOAD_THREADS=0 gen fp8_warm_serial warm keep "${gen_flags[@]}" ;;
+        *) echo "unknown FP8 run $run" >&2 ;;
+        esac
+    done
+    ;;
+write-bf16)
+    rm -rf "$CKPT"/high_noise_model "$CKPT"/low_noise_model
+    "${helper[@]}" write --spec "$SPEC" --root "$CKPT" --what bf16-expert --link-low --device "$DEVICE" \
+        --out "$o/write_bf16.json"
+    df -h "$CKPT" | tail -n 1
+    ;;
+bf16)
+    printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_bf16_cold.json"
+    "${helper[@]}" dd "$CKPT/high_noise_model" --out "$o/dd_bf16_cold.json"
+    gen bf16_cold cold none "${bf16_flags[@]}"
+    gen bf16_warm warm none "${bf16_flags[@]}"
+    ;;
+summary)
+    "${helper[@]}" summary "$o" --out "$o/summary.json"
+    ;;
+all)
+    for s in write-fp8 fp8 write-bf16 bf16 summary; do bash "$0" "$s" "$WANFAST_COMMIT" || exit $?; done
+    ;;
+*)
+    echo "usage: $0 write-fp8|fp8|write-bf16|bf16|summary|all [COMMIT]" >&2
+    exit 2
+    ;;
+esac

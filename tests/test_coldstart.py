@@ -1,0 +1,174 @@
+"""Cold start (issue #17): ``--compile-cache`` reused by a second process, ``generate --timings``, the text
+encoder loading beside the experts, and benchmarks/coldstart_gpu.sh end to end on the tiny spec."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from wanfast.accel.compile_cache import CompileCache, model_key, size_name
+from wanfast.builder import build_pipeline
+from wanfast.config import EngineSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+# A child process: the tiny pipeline compiled with inductor (CPU), one generation, its latents saved; prints
+# the compile counters and compile time of this process as JSON on its last line.
+CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from wanfast.builder import build_pipeline
+    from wanfast.config import EngineSettings
+    from wanfast.timeline import compile_report
+    cache = sys.argv[1] if sys.argv[1] != "-" else None
+    s = EngineSettings(device="cpu", dtype=torch.float32, compile=True, compile_cache=cache)
+    pipe = build_pipeline("tiny", s)
+    r = pipe.generate("a cat", steps=2, frames=5)
+    torch.save(r.latents, sys.argv[2])
+    print(json.dumps(compile_report() | {"has_cache": pipe.compile_cache is not None}))
+""")
+
+
+def _child(cache: str, latents: Path, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, cache, str(latents)], capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_with_the_compile_cache_compiles_nothing(tmp_path):
+    """Process 1 compiles (inductor, CPU) into DIR and writes the size's artifact file; process 2 with the
+    same DIR takes every compiled graph from it (hits, no misses) and gives bit-identical latents; process
+    3 gets only the artifact file copied into a new DIR (another machine) and hits as well."""
+    env = dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "default_inductor"))  # not the user's cache
+    cache = tmp_path / "cc"
+    first = _child(str(cache), tmp_path / "a.pt", env)
+    assert first["has_cache"] and first["fxgraph_cache_miss"] >= 1 and first["fxgraph_cache_hit"] == 0
+    folders = list(cache.iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("tiny_float32_nofp8_")
+    artifact = folders[0] / "64x48x5.bin"  # one artifact set per model key and size
+    assert artifact.is_file() and artifact.stat().st_size > 0
+    second = _child(str(cache), tmp_path / "b.pt", env)
+    assert second["fxgraph_cache_hit"] >= 1 and second["fxgraph_cache_miss"] == 0
+    assert second["autograd_cache_miss"] == 0
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert torch.equal(a, b)  # the same compiled code: bit-identical
+    moved = tmp_path / "moved" / folders[0].name
+    moved.mkdir(parents=True)
+    (moved / artifact.name).write_bytes(artifact.read_bytes())
+    third = _child(str(tmp_path / "moved"), tmp_path / "c.pt", env)
+    assert third["fxgraph_cache_hit"] >= 1 and third["fxgraph_cache_miss"] == 0
+    assert torch.equal(a, torch.load(tmp_path / "c.pt"))
+
+
+def test_compile_cache_off_switch_and_keys(tmp_path):
+    """No flag: no cache object (today's behaviour); compile off: the flag has nothing to keep. The key
+    separates what changes the traced graphs."""
+    assert build_pipeline("tiny", EngineSettings(device="cpu", dtype=torch.float32)).compile_cache is None
+    off = EngineSettings(device="cpu", dtype=torch.float32, compile=False, compile_cache=str(tmp_path))
+    assert build_pipeline("tiny", off).compile_cache is None
+    base = EngineSettings(device="cpu", dtype=torch.bfloat16)
+    keys = {
+        model_key("t2v-A14B", base),
+        model_key("t2v-A14B", base, fp8_checkpoint=True),
+        model_key("t2v-A14B", EngineSettings(device="cpu", dtype=torch.bfloat16, quant="fp8")),
+        model_key("t2v-A14B", EngineSettings(device="cpu", dtype=torch.bfloat16, self_attention_backend="sdpa")),
+        model_key("ti2v-5B", base),
+        model_key("t2v-A14B", EngineSettings(device="cpu", dtype=torch.float32)),
+    }  # fmt: skip
+    assert len(keys) == 5  # FP8 by quant or by checkpoint is the same graph
+    assert size_name((1280, 720, 81)) == "1280x720x81"
+    cc = CompileCache(tmp_path, "k")
+    assert cc.load([(64, 48, 5)]) == []  # no file yet: nothing loaded, no error
+    (tmp_path / "k").mkdir()
+    cc.path((64, 48, 5)).write_bytes(b"not an artifact file")
+    assert cc.load([(64, 48, 5)]) == []  # unreadable: compile instead of failing
+
+
+def test_text_encoder_loaded_beside_the_experts_is_the_same(tiny_official, monkeypatch):
+    """WANFAST_LOAD_THREADS on (default) and off build bit-identical pipelines from a checkpoint."""
+    s = EngineSettings(device="cpu", dtype=torch.float32)
+    monkeypatch.setenv("WANFAST_LOAD_THREADS", "0")
+    serial = build_pipeline(tiny_official, s)
+    monkeypatch.setenv("WANFAST_LOAD_THREADS", "1")
+    threaded = build_pipeline(tiny_official, s)
+    for a, b in [(serial.text_encoder.model, threaded.text_encoder.model), (serial.vae, threaded.vae),
+                 *((serial.experts[k], threaded.experts[k]) for k in serial.experts)]:  # fmt: skip
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ra, rb = serial.generate("a cat", steps=2, frames=5), threaded.generate("a cat", steps=2, frames=5)
+    assert torch.equal(ra.latents, rb.latents)
+
+
+def test_generate_timings_json(tmp_path, tiny_official):
+    """A fresh `wanfast generate --timings`: every phase there, marks in time order, the phases inside
+    the process's life, and the load spans' bytes those of the files."""
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, "-m", "wanfast", "generate", "--ckpt-dir", str(tiny_official), "--prompt", "a cat",
+           "--steps", "3", "--frames", "5", "--device", "cpu", "--no-progress", "--output",
+           str(tmp_path / "v.mp4"), "--timings", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t = json.loads(out.read_text())
+    phases = t["phases"]
+    for name in ("imports", "plan", "load_text_encoder", "load_expert_high_noise", "load_expert_low_noise",
+                 "load_vae", "accel", "build", "text_encoding", "first_step", "vae_decode", "write_mp4"):  # fmt: skip
+        assert name in phases and phases[name] >= 0, name
+    marks = list(t["marks"].values())
+    assert marks == sorted(marks) and list(t["marks"])[:3] == ["imports", "planned", "built"]
+    assert list(t["marks"])[-1] == "mp4" and t["to_mp4_s"] == t["marks"]["mp4"]
+    assert 0 < t["marks"]["imports"] < t["to_first_step_s"] < t["to_mp4_s"]
+    # the spans lie inside the build; the serial parts of the run add up to no more than the process life
+    for name in ("load_expert_high_noise", "load_expert_low_noise", "load_text_encoder", "load_vae", "accel"):
+        span = t["spans"][name]
+        assert t["marks"]["planned"] <= span["start"] <= span["end"] <= t["marks"]["built"] + 1e-3, name
+    serial = ("imports", "plan", "build", "text_encoding", "vae_decode", "write_mp4")
+    assert sum(phases[n] for n in serial) + sum(s["s"] for s in t["steps"]) <= t["to_mp4_s"] + 1e-3
+    assert [s["expert"] for s in t["steps"]] == ["high_noise", "high_noise", "low_noise"]
+    expert_bytes = sum(f.stat().st_size for f in (tiny_official / "high_noise_model").iterdir())
+    assert t["spans"]["load_expert_high_noise"]["bytes"] == expert_bytes
+    assert t["model"] == "tiny" and t["params"]["frames"] == 5 and "fxgraph_cache_hit" in t["compile"]
+
+
+def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
+    """benchmarks/coldstart_gpu.sh all with SPEC=tiny on the CPU: the checkpoints it writes load through
+    the normal loaders (FP8 set, then one bf16 expert read twice), every generate run writes its timings,
+    and the summary states each load beside the dd rate."""
+    w = tmp_path
+    env = dict(ENV, OUT=str(w / "out"), CKPT=str(w / "ckpt"), CC=str(w / "cc"), VIDEOS=str(w / "v"),
+               SPEC="tiny", DEVICE="cpu", DROP="0", H2D_GIB="0.01", GEN="--size 64x48 --frames 5 --steps 2",
+               GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile")  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "coldstart_gpu.sh"), "all", "test"],
+                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    o = w / "out" / "coldstart"
+    runs = [
+        "fp8_cold_compile",
+        "fp8_warm_cached",
+        "fp8_cold_cached",
+        "fp8_warm_serial",
+        "bf16_cold",
+        "bf16_warm",
+    ]
+    for name in runs:
+        meta = json.loads((o / f"meta_{name}.json").read_text())
+        assert meta["rc"] == 0 and meta["dropped"] == 0, (name, (o / f"gen_{name}.log").read_text()[-2000:])
+    summary = json.loads((o / "summary.json").read_text())
+    assert set(summary["runs"]) == {f"gen_{n}.json" for n in runs}
+    fp8 = summary["runs"]["gen_fp8_warm_cached.json"]["loads"]
+    assert set(fp8) == {"load_expert_high_noise", "load_expert_low_noise", "load_text_encoder", "load_vae"}
+    assert json.loads((o / "gen_fp8_warm_serial.json").read_text())["load_threads"] is False
+    # the bf16 set: one expert folder, the low-noise one a link to it (same bytes read twice)
+    bf16 = summary["runs"]["gen_bf16_cold.json"]["loads"]
+    assert bf16["load_expert_high_noise"]["bytes"] == bf16["load_expert_low_noise"]["bytes"] > 0
+    assert (w / "ckpt" / "low_noise_model").is_symlink()
+    assert summary["dd_GB_per_s"]["dd_fp8_cold.json"] > 0 and summary["parts"]["h2d.json"]["pinned"]["s"] > 0
+    dd = summary["parts"]["dd_bf16_cold.json"]
+    assert {Path(f["file"]).parent.name for f in dd["files"]} == {"high_noise_model"} and dd["bytes"] > 0
