@@ -1,0 +1,222 @@
+"""Switching the LoRA set of a built (optimised, possibly compiled / graphed / offloaded) pipeline in place,
+without reloading the checkpoint: what a server worker does between jobs that name different LoRAs.
+
+Exactness: a switched model must hold the same bits as a fresh build with that set. The builder merges on
+the plain loaded model, in float32 from the checkpoint's own value, one cast (``loading.lora.merge_loras_``),
+before ``accel`` fuses q/k/v. So the switcher keeps an exact copy of the BASE (pre-LoRA) value of every
+parameter any library file touches, in the dtype the fresh merge starts from (the checkpoint's, where
+``source`` says it is wider than the model's; else the loaded value), and a switch writes, for each
+parameter the old or the new set touches, ``merged_value(base, items)`` (the one merge function, the same
+stack order, on the device the fresh build merges on) into the live tensor: the parameter itself, or its
+rows of a fused ``wqkv`` [3C, C] / ``wkv`` [2C, C] (``accel/fuse.py`` concatenates q, k, v in that order).
+Writes are ``copy_`` into the same storage, so compiled blocks and CUDA graphs (which hold the Parameter
+objects / their addresses) stay valid. A parameter no set touches any more gets its base back (a bf16 base
+cast to bf16 is the same bits; the cast of a wider base is what the plain load wrote).
+
+Where the base copies live (``placement="auto"``): with the model in device memory, on that device when the
+copies fit in its free memory while leaving ``reserve`` bytes (the worker passes the memory plan's
+activation estimate of the largest request plus 10% of the device); otherwise in one pinned host buffer
+(``accel/pinned.py``), copied in per parameter at switch time. With an offload mode the masters are the
+host copies and the fresh build merges on the CPU, so the bases stay on the CPU and the merge runs there
+(slow at A14B size: tens of seconds; a resident model is the fast path).
+
+FP8 (``--quant fp8`` or an FP8 checkpoint) is refused: the quantised layers hold no bf16 weight to write
+into, and re-quantising would need the bf16 base of every layer captured before ``accel`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from wanfast.config import ConfigError
+from wanfast.loading.lora import LoRAFile, Source, merged_value, stack_order
+from wanfast.loading.lora_formats import _target
+from wanfast.models.dit import WanDiT
+
+log = logging.getLogger("wanfast.lora_switch")
+
+# (attention, official Linear) -> (fused Linear that holds its rows, index of its row block, blocks in all)
+_FUSED = {
+    ("self_attn", "q"): ("wqkv", 0, 3),
+    ("self_attn", "k"): ("wqkv", 1, 3),
+    ("self_attn", "v"): ("wqkv", 2, 3),
+    ("cross_attn", "k"): ("wkv", 0, 2),
+    ("cross_attn", "v"): ("wkv", 1, 2),
+}
+# one entry of a LoRA set: (file, high-noise strength, low-noise strength)
+Entry = tuple[LoRAFile, float, float]
+
+
+def plain_dit(module: nn.Module) -> WanDiT:
+    """The ``WanDiT`` inside an expert as the pipeline calls it (``OffloadedExpert`` / ``CUDAGraphDiT``
+    keep it as ``.dit``)."""
+    while not isinstance(module, WanDiT):
+        module = module.dit
+    return module
+
+
+def live_tensor(dit: WanDiT, param: str) -> Tensor:
+    """The tensor holding the official parameter ``param`` in ``dit`` as built: the parameter itself, or
+    (after ``fuse_projections``) a view of its rows in the fused weight / bias."""
+    parts = param.split(".")
+    if len(parts) == 5 and parts[0] == "blocks" and (parts[2], parts[3]) in _FUSED:
+        attn = getattr(dit.blocks[int(parts[1])], parts[2])
+        fused, j, n = _FUSED[(parts[2], parts[3])]
+        if hasattr(attn, fused):
+            t = getattr(getattr(attn, fused), parts[4])  # wqkv.weight [3C, C] / .bias [3C]
+            rows = t.shape[0] // n
+            return t[j * rows : (j + 1) * rows]
+    return _target(dit, param, param)
+
+
+def expert_stack(stack: Sequence[Entry], expert: str) -> list[tuple[LoRAFile, float]]:
+    """The (file, strength) list of ``expert``, as ``loading.lora.expert_strengths`` picks it (a one-DiT
+    model, "dit", takes the high-noise strength)."""
+    return [(f, lo if expert == "low_noise" else hi) for f, hi, lo in stack]
+
+
+@dataclass
+class _Expert:
+    dit: WanDiT
+    device: torch.device  # where the fresh build merges, and where the masters live
+    bases: dict[str, Tensor]  # official parameter -> its base value (on ``device`` or pinned host)
+    current: dict[str, list[tuple[LoRAFile, float]]]  # what each parameter holds now (stack_order)
+
+
+class LoraSwitcher:
+    """Keeps the bases of every parameter ``files`` touch and rewrites them per LoRA set (module
+    docstring). ``sources``: per expert, ``loading.lora.checkpoint_source`` of its checkpoint (None: the
+    loaded values are the checkpoint's, e.g. random weights or a same-dtype checkpoint)."""
+
+    def __init__(
+        self,
+        pipe,
+        files: Iterable[LoRAFile],
+        sources: dict[str, Source | None] | None = None,
+        placement: str = "auto",
+        reserve: int = 0,
+    ) -> None:
+        if placement not in ("auto", "device", "host"):
+            raise ValueError(f"placement {placement!r}: auto, device or host")
+        self.pipe, self.offload = pipe, getattr(pipe, "offload", None)
+        targets = sorted({p for f in files for p in f.targets()})
+        self.experts: dict[str, _Expert] = {}
+        self.placement = "host"
+        for name, module in pipe.experts.items():
+            dit = plain_dit(module)
+            if any(type(m).__name__ == "FP8Linear" for m in dit.modules()):
+                raise ConfigError(
+                    "a LoRA library needs bf16/fp32 weights: FP8 linears (--quant fp8, or an FP8 checkpoint) "
+                    "hold no weight to merge into; serve the bf16 checkpoint without --quant fp8"
+                )
+            source = (sources or {}).get(name)
+            bases = {}
+            for param in targets:
+                live = live_tensor(dit, param)
+                stored = source(param, live) if source is not None else None
+                bases[param] = (live if stored is None else stored).detach().to("cpu", copy=True)
+            device = torch.device("cpu") if self.offload is not None else next(dit.parameters()).device
+            self.experts[name] = _Expert(dit, device, bases, {})
+        self._place(placement, reserve)
+        self.stack: tuple[Entry, ...] = ()
+
+    def _place(self, placement: str, reserve: int) -> None:
+        """Bases on the compute device, or in one pinned host buffer (module docstring's rule)."""
+        devices = {e.device for e in self.experts.values()}
+        cuda = [d for d in devices if d.type == "cuda"]
+        nbytes = sum(t.numel() * t.element_size() for e in self.experts.values() for t in e.bases.values())
+        if not cuda:
+            self.placement = "device"  # the CPU: already there
+            return
+        if placement == "auto":
+            free = min(torch.cuda.mem_get_info(d)[0] for d in cuda)
+            placement = "device" if nbytes + reserve <= free else "host"
+        self.placement = placement
+        if placement == "device":
+            for e in self.experts.values():
+                e.bases = {p: t.to(e.device) for p, t in e.bases.items()}
+            return
+        from wanfast.accel.pinned import HostBuffer
+
+        for e in self.experts.values():  # one pinned buffer per expert
+            host = HostBuffer(list(e.bases.values()), pin=True)
+            for view, t in zip(host.views, e.bases.values(), strict=True):
+                view.copy_(t)
+            e.bases = dict(zip(e.bases, host.views, strict=True))
+            e.host = host  # keeps the buffer (and its registration) alive
+        log.info("lora switch: %.1f GB of base weights in pinned host memory", nbytes / 1e9)
+
+    @torch.inference_mode()
+    def switch(self, stack: Sequence[Entry]) -> int:
+        """Make the model hold ``stack`` merged (as a fresh build with it would); returns how many
+        parameters were rewritten. On an error the model is left in an unknown state: call again (a
+        failed switch forgets what the parameters hold, so the next one rewrites every one)."""
+        for f, _, _ in stack:
+            missing = [p for p in f.targets() if p not in next(iter(self.experts.values())).bases]
+            if missing:
+                raise ValueError(f"{f.path} touches {missing[0]!r}, which the switcher keeps no base of")
+        if self.offload is not None:  # the masters are the host copies: drop the device copies first
+            self._release_offload()
+        n = 0
+        for name, e in self.experts.items():
+            want = stack_order(expert_stack(stack, name))
+            try:
+                for param in sorted(set(want) | set(e.current)):
+                    items = want.get(param, [])
+                    if param in e.current and _same(e.current[param], items):
+                        continue
+                    live = live_tensor(e.dit, param)
+                    base = e.bases[param].to(e.device, non_blocking=True)  # from pinned memory: async
+                    if items:
+                        live.copy_(merged_value(base, param, items, live.dtype, e.device))
+                    else:  # the plain load's value: the base cast once, as load_transformer did
+                        live.copy_(base.to(live.dtype))
+                    n += 1
+            except BaseException:
+                e.current = {p: [(None, float("nan"))] for p in e.bases}  # unknown: rewrite all next time
+                raise
+            e.current = want
+        if self.offload is not None and self.offload.mode == "expert":
+            self.offload.activate(next(iter(self.pipe.experts)))  # as apply_offload leaves it
+        self.stack = tuple(stack)
+        return n
+
+    def _release_offload(self) -> None:
+        off = self.offload
+        if off.mode == "expert":
+            for copy in off.experts.values():
+                if copy.loaded:
+                    copy.unload()
+        else:
+            for streamer in off.streamers.values():
+                streamer.release()
+        off.active = None
+
+
+def _same(a: list[tuple[LoRAFile, float]], b: list[tuple[LoRAFile, float]]) -> bool:
+    return len(a) == len(b) and all(x is y and s == t for (x, s), (y, t) in zip(a, b, strict=True))
+
+
+def enable_lora_switching(
+    pipe, files: Iterable[LoRAFile], sources=None, placement: str = "auto", reserve: int = 0
+) -> LoraSwitcher:
+    """Attach a ``LoraSwitcher`` for ``files`` to ``pipe`` (as ``pipe.lora_switcher``); the model must hold
+    no LoRA yet (its current weights are taken as the bases)."""
+    pipe.lora_switcher = LoraSwitcher(pipe, files, sources, placement, reserve)
+    return pipe.lora_switcher
+
+
+def switch_loras(pipe, stack: Sequence[Entry]) -> float:
+    """Switch ``pipe`` (``enable_lora_switching`` done) to ``stack``; returns the seconds it took, device
+    work included (synchronised on CUDA)."""
+    t0 = time.perf_counter()
+    pipe.lora_switcher.switch(stack)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+    return time.perf_counter() - t0
