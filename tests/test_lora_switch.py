@@ -36,7 +36,9 @@ def _settings(dtype=torch.float32, **kw) -> EngineSettings:
 
 
 def _state(pipe) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": v.clone() for n, e in pipe.experts.items() for k, v in plain_dit(e).state_dict().items()}
+    return {
+        f"{n}.{k}": v.clone() for n, e in pipe.experts.items() for k, v in plain_dit(e).state_dict().items()
+    }
 
 
 def _run(pipe) -> torch.Tensor:

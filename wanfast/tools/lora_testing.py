@@ -38,7 +38,11 @@ def random_lora_tensors(
             sd[f"{key}.lora_up.weight"] = (torch.randn(n_out, rank, generator=g) * 0.1 / rank**0.5).to(dtype)
             sd[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
     if extras:
-        for name in ("blocks.0.self_attn.q", "blocks.0.self_attn.v", f"blocks.{cfg.num_layers - 1}.cross_attn.k"):
+        for name in (
+            "blocks.0.self_attn.q",
+            "blocks.0.self_attn.v",
+            f"blocks.{cfg.num_layers - 1}.cross_attn.k",
+        ):
             sd[f"diffusion_model.{name}.diff_b"] = 0.01 * torch.randn(cfg.dim, generator=g)
         sd["diffusion_model.blocks.0.diff_m"] = 0.01 * torch.randn(1, 6, cfg.dim, generator=g)
         head_out = cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
