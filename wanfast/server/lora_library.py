@@ -35,7 +35,7 @@ class LibraryEntry:
     rank: int | None  # the largest rank of its low-rank pairs (None: full deltas only)
     targets: int  # parameters it changes
     full_deltas: bool  # holds .diff / .diff_b / .diff_m deltas
-    models: tuple[str, ...]  # published Wan2.2 models every target of it fits
+    models: tuple[str, ...]  # the served model and the published Wan2.2 models every target of it fits
 
     def info(self) -> dict:
         return {
@@ -91,7 +91,7 @@ class LoraLibrary:
             ranks = [a.shape[0] for a, _, _ in lora.pairs.values()]
             entries[name] = LibraryEntry(
                 name, path, path.stat().st_size, max(ranks) if ranks else None, len(lora.targets()),
-                bool(lora.diffs), tuple(sorted(models or ())),
+                bool(lora.diffs), tuple(sorted((models or set()) | {spec.name})),
             )  # fmt: skip
             if keep:
                 files[name] = lora
