@@ -117,3 +117,27 @@ def test_expert_offload_switches_the_host_copies(files):
     switch_loras(pipe, [(lib[1], 2.0, 1.0)])
     fresh = build_pipeline(ckpt, _settings(offload="expert", loras=(LoraSpec(paths[1], 2.0, 1.0),)))
     assert torch.equal(_run(pipe), _run(fresh))
+
+
+def test_the_gpu_benchmark_script_runs_on_the_tiny_model(tmp_path):
+    """benchmarks/lora_switch_gpu.py end to end on a CPU, so a device call does not find it broken."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "lora_switch_gpu.py"), "--model", "tiny", "--device", "cpu",
+           "--rank", "4"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", OUT=str(tmp_path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "lora_switch.json").read_text())
+    for placement in ("device", "host"):
+        r = res["results"][placement]
+        assert "error" not in r, r
+        assert len(r["rounds"]) == 2 and all(
+            x["none_equals_plain"] and x["A_same_as_first"] for x in r["rounds"]
+        )
+        assert r["max_switch_s"] > 0 and r["base_bytes"] > 0

@@ -107,7 +107,8 @@ class LoraSwitcher:
         self.pipe, self.offload = pipe, getattr(pipe, "offload", None)
         targets = sorted({p for f in files for p in f.targets()})
         self.experts: dict[str, _Expert] = {}
-        self.placement = "host"
+        self._sources = sources or {}
+        metas: dict[str, dict[str, Tensor]] = {}  # shape and dtype of each base, no values held
         for name, module in pipe.experts.items():
             dit = plain_dit(module)
             if any(type(m).__name__ == "FP8Linear" for m in dit.modules()):
@@ -115,42 +116,46 @@ class LoraSwitcher:
                     "a LoRA library needs bf16/fp32 weights: FP8 linears (--quant fp8, or an FP8 checkpoint) "
                     "hold no weight to merge into; serve the bf16 checkpoint without --quant fp8"
                 )
-            source = (sources or {}).get(name)
-            bases = {}
-            for param in targets:
-                live = live_tensor(dit, param)
-                stored = source(param, live) if source is not None else None
-                bases[param] = (live if stored is None else stored).detach().to("cpu", copy=True)
             device = torch.device("cpu") if self.offload is not None else next(dit.parameters()).device
-            self.experts[name] = _Expert(dit, device, bases, {})
-        self._place(placement, reserve)
+            self.experts[name] = _Expert(dit, device, {}, {})
+            metas[name] = {}
+            for param in targets:
+                v = self._base_value(name, param)
+                metas[name][param] = torch.empty(v.shape, dtype=v.dtype, device="meta")
+        self.placement = self._place(placement, reserve, metas)
         self.stack: tuple[Entry, ...] = ()
 
-    def _place(self, placement: str, reserve: int) -> None:
-        """Bases on the compute device, or in one pinned host buffer (module docstring's rule)."""
-        devices = {e.device for e in self.experts.values()}
-        cuda = [d for d in devices if d.type == "cuda"]
-        nbytes = sum(t.numel() * t.element_size() for e in self.experts.values() for t in e.bases.values())
+    def _base_value(self, expert: str, param: str) -> Tensor:
+        """The value the fresh build's merge starts from: the checkpoint's where ``source`` has a wider one
+        (read now: one tensor at a time, never a second model in memory), else the loaded weight."""
+        live = live_tensor(self.experts[expert].dit, param)
+        source = self._sources.get(expert)
+        stored = source(param, live) if source is not None else None
+        return (live if stored is None else stored).detach()
+
+    def _place(self, placement: str, reserve: int, metas: dict[str, dict[str, Tensor]]) -> str:
+        """Copy the bases to the compute device or into one pinned host buffer per expert (module
+        docstring's rule); returns where they went."""
+        nbytes = sum(t.numel() * t.element_size() for m in metas.values() for t in m.values())
+        cuda = [e.device for e in self.experts.values() if e.device.type == "cuda"]
         if not cuda:
-            self.placement = "device"  # the CPU: already there
-            return
-        if placement == "auto":
+            placement = "device"  # the CPU
+        elif placement == "auto":
             free = min(torch.cuda.mem_get_info(d)[0] for d in cuda)
             placement = "device" if nbytes + reserve <= free else "host"
-        self.placement = placement
-        if placement == "device":
-            for e in self.experts.values():
-                e.bases = {p: t.to(e.device) for p, t in e.bases.items()}
-            return
-        from wanfast.accel.pinned import HostBuffer
+        for name, e in self.experts.items():
+            if placement == "device":
+                for param, m in metas[name].items():
+                    e.bases[param] = torch.empty(m.shape, dtype=m.dtype, device=e.device)
+            else:
+                from wanfast.accel.pinned import HostBuffer
 
-        for e in self.experts.values():  # one pinned buffer per expert
-            host = HostBuffer(list(e.bases.values()), pin=True)
-            for view, t in zip(host.views, e.bases.values(), strict=True):
-                view.copy_(t)
-            e.bases = dict(zip(e.bases, host.views, strict=True))
-            e.host = host  # keeps the buffer (and its registration) alive
-        log.info("lora switch: %.1f GB of base weights in pinned host memory", nbytes / 1e9)
+                e.host = HostBuffer(list(metas[name].values()), pin=True)  # kept: it owns the pinned memory
+                e.bases = dict(zip(metas[name], e.host.views, strict=True))
+            for param, base in e.bases.items():
+                base.copy_(self._base_value(name, param))
+        log.info("lora switch: %.2f GB of base weights in %s memory", nbytes / 1e9, placement)
+        return placement
 
     @torch.inference_mode()
     def switch(self, stack: Sequence[Entry]) -> int:
