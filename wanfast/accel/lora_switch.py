@@ -105,6 +105,7 @@ class LoraSwitcher:
         if placement not in ("auto", "device", "host"):
             raise ValueError(f"placement {placement!r}: auto, device or host")
         self.pipe, self.offload = pipe, getattr(pipe, "offload", None)
+        files = list(files)
         targets = sorted({p for f in files for p in f.targets()})
         self.experts: dict[str, _Expert] = {}
         self._sources = sources or {}
@@ -124,6 +125,13 @@ class LoraSwitcher:
                 metas[name][param] = torch.empty(v.shape, dtype=v.dtype, device="meta")
         self.placement = self._place(placement, reserve, metas)
         self.stack: tuple[Entry, ...] = ()
+        # with the bases on a GPU, the files' tensors too (their dtype: the float32 cast happens in
+        # ``delta`` as in the builder's merge; exact either side of the copy): no host copy per switch
+        self._staged: dict[tuple[int, torch.device], LoRAFile] = {}
+        if self.placement == "device":
+            for f in files:
+                for dev in {e.device for e in self.experts.values() if e.device.type == "cuda"}:
+                    self._staged[(id(f), dev)] = _to_device(f, dev)
 
     def _base_value(self, expert: str, param: str) -> Tensor:
         """The value the fresh build's merge starts from: the checkpoint's where ``source`` has a wider one
@@ -179,6 +187,7 @@ class LoraSwitcher:
                     live = live_tensor(e.dit, param)
                     base = e.bases[param].to(e.device, non_blocking=True)  # from pinned memory: async
                     if items:
+                        items = [(self._staged.get((id(f), e.device), f), x) for f, x in items]
                         live.copy_(merged_value(base, param, items, live.dtype, e.device))
                     else:  # the plain load's value: the base cast once, as load_transformer did
                         live.copy_(base.to(live.dtype))
@@ -202,6 +211,11 @@ class LoraSwitcher:
             for streamer in off.streamers.values():
                 streamer.release()
         off.active = None
+
+
+def _to_device(f: LoRAFile, device: torch.device) -> LoRAFile:
+    pairs = {n: (a.to(device), b.to(device), scale) for n, (a, b, scale) in f.pairs.items()}
+    return LoRAFile(f.path, pairs, {p: d.to(device) for p, d in f.diffs.items()}, f.keys)
 
 
 def _same(a: list[tuple[LoRAFile, float]], b: list[tuple[LoRAFile, float]]) -> bool:

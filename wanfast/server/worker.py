@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(slot.get("threads", 1))  # the pool's share of the cores for this process
     try:
-        _lora_switcher(pipe, cfg)
+        _lora_switcher(pipe, own)  # own data_dir: a tiny checkpoint per process, no race
     except Exception as e:
         if store is not None:
             try:
