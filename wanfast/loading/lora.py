@@ -40,8 +40,10 @@ __all__ = [
     "expert_strengths",
     "merge_lora_",
     "merge_loras_",
+    "merged_value",
     "read_lora",
     "set_lora_enabled",
+    "stack_order",
     "wrap_lora_",
 ]
 
@@ -55,20 +57,39 @@ def merge_loras_(
     than W holds (so ``source`` is for a model fresh from that checkpoint: it restarts from the stored
     values). Strength-0 entries are skipped (bit-identical to no LoRA). In place; returns how many
     parameters changed."""
-    stack = [(lora, s) for lora, s in stack if s != 0]
-    order: dict[str, list[tuple[LoRAFile, float]]] = {}
-    for lora, s in stack:
-        for param in lora.targets():
-            order.setdefault(param, []).append((lora, s))
+    order = stack_order(stack)
     for param, items in order.items():
         w = _target(dit, param, items[0][0].keys[param])
         stored = source(param, w) if source is not None else None
         # one parameter at a time: peak memory one float32 copy of the largest weight
-        acc = w.float() if stored is None else stored.to(w.device, torch.float32)
-        for lora, s in items:
-            acc = acc + delta(lora, param, s, w)
-        w.copy_(acc.to(w.dtype))
+        w.copy_(merged_value(w if stored is None else stored, param, items, w.dtype, w.device))
     return len(order)
+
+
+def stack_order(stack: Sequence[tuple[LoRAFile, float]]) -> dict[str, list[tuple[LoRAFile, float]]]:
+    """{official parameter: the (file, strength) entries that change it, in stack order}, strength-0 entries
+    left out: the order ``merge_loras_`` sums in (float addition is not associative, so a switcher that
+    must match it bit for bit sums in this same order)."""
+    order: dict[str, list[tuple[LoRAFile, float]]] = {}
+    for lora, s in stack:
+        if s == 0:
+            continue
+        for param in lora.targets():
+            order.setdefault(param, []).append((lora, s))
+    return order
+
+
+def merged_value(
+    base: Tensor, param: str, items: Sequence[tuple[LoRAFile, float]], dtype: torch.dtype, device
+) -> Tensor:
+    """``(base + sum_i strength_i * update_i).to(dtype)``, summed in float32 on ``device`` in the order of
+    ``items``: THE merge arithmetic, shared by ``merge_loras_`` and the server's switcher
+    (``accel/lora_switch.py``), so both give the same bits. ``base``: the parameter's own value (any dtype,
+    any device; the checkpoint's where it is wider than ``dtype``)."""
+    acc = base.to(device, torch.float32)
+    for lora, s in items:
+        acc = acc + delta(lora, param, s, acc)
+    return acc.to(dtype)
 
 
 def merge_lora_(dit: nn.Module, lora: LoRAFile, strength: float = 1.0) -> int:

@@ -2,7 +2,7 @@
 
 Routes (all but ``/health`` need the API key when one is set): ``POST /v1/videos``, ``GET /v1/videos``,
 ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/events`` (server-sent events), ``GET /v1/videos/{id}/content``,
-``DELETE /v1/videos/{id}``, ``GET /metrics``, ``GET /health``, the page at ``/`` and the docs at ``/docs``
+``DELETE /v1/videos/{id}``, ``GET /v1/loras`` (the LoRA library), ``GET /metrics``, ``GET /health``, the page at ``/`` and the docs at ``/docs``
 (rendered here from the OpenAPI schema: no script, nothing from the internet).
 
 Every request first passes ``Guard``: the ``Host`` allow-list (DNS rebinding), the API key, JSON as the
@@ -37,6 +37,7 @@ from wanfast.server.safety import host_allowed, redact_paths, security_headers
 from wanfast.server.schemas import (
     Health,
     Limits,
+    LoraList,
     VideoJob,
     VideoList,
     VideoRequest,
@@ -64,6 +65,8 @@ class ServerSettings:
     worker_gpus: dict[str, str] | None = None  # pool slot -> the GPUs it owns ("0", "2,3"; "" on the CPU)
     # raises ValueError (-> 422) for a request the worker's memory budget cannot hold (server/cli.py)
     fits: Callable[[SamplingParams], None] = lambda params: None
+    loras: object | None = None  # the LoRA library (server/lora_library.LoraLibrary), None: no --lora-dir
+    max_loras: int = 4  # most library LoRAs one request may name
 
 
 def _json_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -211,10 +214,13 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
     ) -> VideoJob:
         """Queue a video. 202 with the job; 429 when the queue is full; 422 for invalid parameters, for a
         request over this server's cost limits (pixels x frames, steps) or one its memory budget cannot
-        hold. A repeated ``Idempotency-Key`` returns the job it first created instead of a new one (422 if
+        hold, or one naming a LoRA the library lacks (or too many, or twice, or past the strength bound).
+        A repeated ``Idempotency-Key`` returns the job it first created instead of a new one (422 if
         the request differs)."""
         try:
-            request, params, image = validate_request(req, settings.spec, settings.max_prompt_chars)
+            request, params, image = validate_request(
+                req, settings.spec, settings.max_prompt_chars, settings.loras, settings.max_loras
+            )
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         if image is not None:  # content-addressed: a retried submission stores no second copy
@@ -240,6 +246,12 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         except IdempotencyConflict as e:
             raise HTTPException(422, str(e)) from None
         return view(job)
+
+    @app.get("/v1/loras", response_model=LoraList, tags=["videos"])
+    def list_loras() -> LoraList:
+        """The LoRA library a request's ``loras`` may name (empty without ``--lora-dir``), each checked
+        against the served model when the server started."""
+        return LoraList(data=settings.loras.listing() if settings.loras is not None else [])
 
     @app.get("/v1/videos", response_model=VideoList, tags=["videos"])
     def list_videos(

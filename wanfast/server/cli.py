@@ -63,6 +63,15 @@ def add_pool_and_door_flags(p: argparse.ArgumentParser) -> None:
                       "request: 186,624,000 for A14B, e.g. 1920x1088 x 81)")  # fmt: skip
     door.add_argument("--max-steps", type=int, default=None, metavar="N",
                       help="most sampling steps of one request (default 2.5x the model's default: 100 for A14B)")  # fmt: skip
+    lib = p.add_argument_group("LoRA library")
+    lib.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                     help="a folder of LoRA .safetensors files that requests may name (GET /v1/loras); each "
+                     "checked against the model at start; a worker switches its weights between jobs")  # fmt: skip
+    lib.add_argument("--max-loras", type=int, default=4, metavar="N",
+                     help="most library LoRAs one request may name (default 4)")  # fmt: skip
+    lib.add_argument("--lora-max-overtaken", type=int, default=4, metavar="N",
+                     help="a worker prefers queued jobs with the LoRA set it holds, but a job is overtaken by "
+                     "at most N newer ones (default 4; 0: strict submission order)")  # fmt: skip
     door.add_argument("--db-timeout", type=float, default=30.0, metavar="S",
                       help="seconds a job-database write waits for its lock before it fails (default 30)")  # fmt: skip
 
@@ -88,7 +97,34 @@ def _is_loopback(host: str) -> bool:
 def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
     """What the worker process gets (JSON): the model source and its serialised ``EngineSettings``."""
     source = args.model if args.model else str(args.ckpt_dir)
-    return {"data_dir": str(data_dir), "source": source, "settings": engine_settings(args).to_json()}
+    cfg = {"data_dir": str(data_dir), "source": source, "settings": engine_settings(args).to_json()}
+    if getattr(args, "lora_dir", None) is not None:
+        cfg["lora_dir"] = str(Path(args.lora_dir).resolve())
+        cfg["lora_max_overtaken"] = args.lora_max_overtaken
+    return cfg
+
+
+def open_lora_library(args: argparse.Namespace, model):
+    """The ``--lora-dir`` library checked against ``model`` (an ``open_model`` result), or None; refuses
+    what a worker could not switch, at start."""
+    if args.lora_dir is None:
+        return None
+    from wanfast.server.lora_library import LoraLibrary
+
+    settings = engine_settings(args)
+    if args.max_loras < 1 or args.lora_max_overtaken < 0:
+        raise ConfigError("--max-loras must be >= 1 and --lora-max-overtaken >= 0")
+    if model.fp8_checkpoint or settings.quant is not None:
+        raise ConfigError(
+            "--lora-dir needs bf16/fp32 weights: FP8 linears (an FP8 checkpoint, or --quant fp8) hold no weight "
+            "to merge a LoRA into; serve the bf16 checkpoint without --quant fp8"
+        )
+    if settings.lora_stack() or not settings.lora_merge:
+        raise ConfigError(
+            "--lora-dir cannot be combined with --lora / --lora-high-noise / --lora-low-noise / --lora-separate: "
+            "put those files in the library and name them in each request"
+        )
+    return LoraLibrary.open(args.lora_dir, model.spec)
 
 
 def check_memory(config: dict, model=None) -> tuple[str | None, Callable[[SamplingParams], None]]:
@@ -144,6 +180,9 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ConfigError("--queue-size and --max-prompt-chars must be >= 1, --max-body-bytes >= 1024")
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
     plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
+    library = open_lora_library(args, model)  # a broken LoRA file fails here, not in a job
+    if library is not None:
+        log.info("LoRA library %s: %s", args.lora_dir, ", ".join(library.entries))
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
     slots = _pool_plan(args, model.spec.dit.num_heads)
     default = Limits.default(model.spec.defaults)
@@ -178,6 +217,7 @@ def serve_main(args: argparse.Namespace) -> int:
         results_dir=results, spec=model.spec, queue_size=args.queue_size, api_key=api_key,
         max_prompt_chars=args.max_prompt_chars, max_body_bytes=max_body, limits=limits,
         allowed_hosts=hosts, workers_alive=pool.alive, worker_gpus={s.name: s.label for s in slots}, fits=fits,
+        loras=library, max_loras=args.max_loras,
     )  # fmt: skip
     # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again: let that end in `finally` below,
     # which stops the workers and re-queues their jobs, rather than in the default handler's abrupt exit

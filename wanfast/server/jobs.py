@@ -42,6 +42,7 @@ from wanfast.server.safety import redact_paths
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 MAX_ATTEMPTS = 3
+MAX_OVERTAKEN = 4  # most newer jobs a queued job lets go first for sharing their LoRA set with a worker
 LOCK_TIMEOUT = 30.0  # seconds a statement waits for another process's write lock before it fails
 
 _GONE = "(owner IS NULL OR owner NOT IN (SELECT owner FROM workers WHERE owner IS NOT NULL))"
@@ -285,16 +286,37 @@ class JobStore:
         return [dict(r) for r in self._con().execute("SELECT * FROM workers ORDER BY name").fetchall()]
 
     # -- worker process -----------------------------------------------------------------------------------
-    def claim(self, owner: str) -> Job | None:
-        """Atomically take the oldest queued job, if ``owner`` is a registered worker token."""
+    def claim(self, owner: str, prefer: str | None = None, max_overtaken: int = MAX_OVERTAKEN) -> Job | None:
+        """Atomically take the oldest queued job, if ``owner`` is a registered worker token. ``prefer``: the
+        LoRA set the worker holds (``lora_library.set_key``): the oldest queued job with that set is taken
+        instead (no weight switch), unless the oldest queued job has already been overtaken by
+        ``max_overtaken`` newer jobs: then the oldest goes (no starvation). Overtakers are counted as the
+        newer jobs that have started, so the count survives worker restarts and needs no extra column."""
         now = time.time()
-        return self._one(
+        sql = (
             "UPDATE jobs SET state = 'running', owner = ?1, attempts = attempts + 1, started_at = ?2,"
             " updated_at = ?2, step = 0, stage = 'starting', worker = (SELECT name FROM workers WHERE owner = ?1)"
-            " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1)"
-            " AND EXISTS (SELECT 1 FROM workers WHERE owner = ?1) RETURNING *",
-            (owner, now),
+            " WHERE id = {pick} AND state = 'queued' AND EXISTS (SELECT 1 FROM workers WHERE owner = ?1) RETURNING *"
         )
+        oldest = "(SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1)"
+        if prefer is None:
+            return self._one(sql.format(pick=oldest), (owner, now))
+        from wanfast.server.lora_library import set_key
+
+        with self._tx() as con:  # pick and take under one write lock
+            queued = con.execute("SELECT id, seq, request FROM jobs WHERE state = 'queued' ORDER BY seq")
+            rows = queued.fetchall()
+            if not rows:
+                return None
+            pick = rows[0]["id"]
+            match = next((r for r in rows if set_key(json.loads(r["request"])) == prefer), None)
+            if match is not None and match["id"] != pick:
+                overtaken = con.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE seq > ? AND started_at IS NOT NULL", (rows[0]["seq"],)
+                ).fetchone()[0]
+                pick = match["id"] if overtaken < max_overtaken else pick
+            row = con.execute(sql.format(pick="?3"), (owner, now, pick)).fetchone()
+        return Job.from_row(row) if row is not None else None
 
     def _update_running(self, job_id: str, owner: str, sets: str, args: dict) -> sqlite3.Row:
         row = (

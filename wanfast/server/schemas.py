@@ -26,6 +26,16 @@ MAX_SIDE = 4096  # pixels per side: a larger request cannot fit a GPU, refuse it
 LIMIT_FACTOR = 2.5  # default cost limits: this many times the model's default request
 
 
+class LoraRef(BaseModel):
+    """One LoRA of the server's library (``GET /v1/loras``) and its strength on each expert."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=100, description="a name from GET /v1/loras")
+    high_noise: float | None = Field(None, description="strength on the high-noise expert (default 1)")
+    low_noise: float | None = Field(None, description="strength on the low-noise expert (default high_noise)")
+
+
 class VideoRequest(BaseModel):
     """Sampling parameters, named as the ``wanfast generate`` options. Omitted ones take the model's
     defaults (for a checkpoint, its own expert boundary). The fields cap only what one request may cost;
@@ -58,6 +68,9 @@ class VideoRequest(BaseModel):
         None, le=10, description="lossy: skip DiT forwards below this input change (0: off)"
     )
     fps: int | None = Field(None, ge=1, le=120, description="frame rate of the MP4")
+    loras: list[LoraRef] | None = Field(
+        None, max_length=64, description="LoRAs of the server's library, merged in this order"
+    )
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -108,10 +121,11 @@ def decode_image(data: str):
 
 
 def validate_request(
-    req: VideoRequest, spec: ModelSpec, max_prompt_chars: int
+    req: VideoRequest, spec: ModelSpec, max_prompt_chars: int, library=None, max_loras: int = 4
 ) -> tuple[dict, SamplingParams, bytes | None]:
-    """The job's stored request (only what the client set; the image left out), the parameters it gives
-    for the model ``spec``, and the image file's bytes (None without one). Raises ValueError (ConfigError)
+    """The job's stored request (only what the client set; the image left out; ``loras`` in the
+    canonical form of ``library``, a ``lora_library.LoraLibrary`` or None), the parameters it gives for
+    the model ``spec``, and the image file's bytes (None without one). Raises ValueError (ConfigError)
     with a message for the client."""
     for name in ("prompt", "negative_prompt"):
         text = getattr(req, name)
@@ -120,6 +134,11 @@ def validate_request(
                 f"{name} has {len(text)} characters; this server accepts at most {max_prompt_chars}"
             )
     stored = req.model_dump(exclude_none=True)
+    loras = stored.pop("loras", None)
+    if loras:
+        if library is None:
+            raise ValueError("loras: this server has no LoRA library (wanfast serve --lora-dir)")
+        stored["loras"] = library.canonical(loras, spec.two_experts, max_loras)
     raw, image = None, None
     if stored.pop("image", None) is not None:
         raw, image = decode_image(req.image)
@@ -128,7 +147,7 @@ def validate_request(
         if max(w, h) > MAX_SIDE:
             raise ValueError(f"size {req.size} is too large; at most {MAX_SIDE} pixels per side")
         stored["size"] = [w, h]
-    overrides = {k: v for k, v in stored.items() if k not in ("prompt", "fps")}
+    overrides = {k: v for k, v in stored.items() if k not in ("prompt", "fps", "loras")}
     size = image.size if image is not None else None
     return stored, resolve_params(spec, req.prompt, image_size=size, **overrides), raw  # the shared rules
 
@@ -189,6 +208,23 @@ def _public(request: dict) -> dict:
     if "image" not in request:
         return request
     return {**request, "image": "sha256:" + request["image"].rsplit("/", 1)[-1].removesuffix(".img")}
+
+
+class LoraInfo(BaseModel):
+    name: str = Field(description="what a request's loras[].name says")
+    file: str
+    size_bytes: int
+    rank: int | None = Field(description="largest rank of its low-rank pairs; null: full deltas only")
+    targets: int = Field(description="parameters it changes")
+    full_deltas: bool = Field(description="holds full deltas (.diff / .diff_b / .diff_m) besides pairs")
+    models: list[str] = Field(
+        description="published Wan2.2 models it fits (every one is checked against "
+        "the served model at server start)"
+    )
+
+
+class LoraList(BaseModel):
+    data: list[LoraInfo]
 
 
 class VideoList(BaseModel):

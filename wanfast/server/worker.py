@@ -89,6 +89,61 @@ def _build(cfg: dict):
                            settings=settings)  # fmt: skip
 
 
+def _lora_switcher(pipe, cfg: dict):
+    """With ``cfg["lora_dir"]``: the library read and checked against the loaded model, and the switcher
+    (``accel/lora_switch.py``) that merges a job's set between jobs, its bases taken from the checkpoint's
+    own values (``checkpoint_source``) so that each job equals a fresh build with its set. None without.
+    Bases on the GPU when they fit beside the activations of the largest default-limit request (2.5x the
+    model's default request, ``schemas.LIMIT_FACTOR``) plus 10% of the device; else pinned host memory."""
+    if not cfg.get("lora_dir"):
+        return None
+    import torch
+
+    from wanfast.accel.lora_switch import enable_lora_switching
+    from wanfast.accel.offload import activation_bytes
+    from wanfast.loading.lora import checkpoint_source
+    from wanfast.server.lora_library import LoraLibrary
+    from wanfast.server.schemas import LIMIT_FACTOR
+
+    library = LoraLibrary.open(cfg["lora_dir"], pipe.spec, keep=True)
+    paths = None
+    if not cfg.get("synthetic"):
+        from wanfast.builder import open_model
+        from wanfast.specs import SPECS
+
+        source = cfg["source"]
+        if source in SPECS:  # a tiny model's checkpoint, as the builder wrote (and deleted) it: seed 0
+            from wanfast.tools.testing import write_official_checkpoint
+
+            folder = Path(cfg["data_dir"]) / "tiny-checkpoint"
+            write_official_checkpoint(folder, SPECS[source], seed=0)
+            source = folder
+        paths = open_model(source).paths
+    sources = {n: checkpoint_source(paths.experts[n]) for n in pipe.experts} if paths else None
+    d = pipe.spec.defaults
+    reserve = int(LIMIT_FACTOR * activation_bytes(pipe.spec, d.size, d.frames))
+    if pipe.device.type == "cuda":
+        reserve += torch.cuda.get_device_properties(pipe.device).total_memory // 10
+    switcher = enable_lora_switching(pipe, library.files.values(), sources, reserve=reserve)
+    switcher.library, pipe.lora_key = library, None
+    log.info("LoRA library: %d files, bases in %s memory", len(library.files), switcher.placement)
+    return switcher
+
+
+def _switch(pipe, job: Job) -> float | None:
+    """Merge the job's LoRA set (seconds it took; None without a library)."""
+    switcher = getattr(pipe, "lora_switcher", None)
+    if switcher is None:
+        return None
+    from wanfast.accel.lora_switch import switch_loras
+    from wanfast.server.lora_library import set_key
+
+    key, pipe.lora_key = set_key(job.request), None  # unknown until the switch has completed
+    seconds = switch_loras(pipe, switcher.library.stack(job.request))
+    pipe.lora_key = key
+    return seconds
+
+
 def _memory(device) -> dict:
     import torch
 
@@ -113,6 +168,7 @@ def _params(pipe, job: Job):
     """The job's ``SamplingParams`` with the loaded model's rules, its frame rate and its image (a
     ``PIL.Image``, or None). Raises ``ConfigError`` (``FileNotFoundError`` for a vanished image)."""
     request = dict(job.request)
+    request.pop("loras", None)  # merged into the weights by _switch
     fps = request.pop("fps", None) or pipe.defaults.fps
     image_path = request.pop("image", None)
     image = None
@@ -135,6 +191,7 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
             params, fps, image = _params(pipe, job)
         except (ConfigError, FileNotFoundError) as e:
             return _end(store, job, owner, "failed", error=str(e))
+        switched = _switch(pipe, job)
         store.start(job.id, owner, asdict(params))
         t0 = time.monotonic()
         first = [t0]
@@ -170,6 +227,8 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
             "write_mp4": time.monotonic() - t_write,
             "queue_wait": job.started_at - job.created_at,
         }
+        if switched is not None:
+            timings["lora_switch"] = switched
         return _end(
             store, job, owner, "succeeded", timings=timings, peak_memory_bytes=result.peak_memory_bytes,
             result=(tmp, results_dir / f"{job.id}.mp4"),
@@ -203,6 +262,7 @@ def follow_job(pipe, job: Job, sync) -> None:
             raise Cancelled(i + 1, n)
 
     try:
+        _switch(pipe, job)
         pipe.run(params, progress, image=image)
     except Cancelled:
         pass
@@ -293,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(slot.get("threads", 1))  # the pool's share of the cores for this process
+    try:
+        _lora_switcher(pipe, own)  # own data_dir: a tiny checkpoint per process, no race
+    except Exception as e:
+        if store is not None:
+            try:
+                store.heartbeat(owner, "failed", detail=f"LoRA library: {type(e).__name__}: {e}")
+            except sqlite3.Error:
+                pass
+        raise
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     name = f"cuda:{visible}" if pipe.device.type == "cuda" and visible else str(pipe.device)
     detail = pipe.spec.name + ("" if cfg.get("synthetic") else f" ({Path(str(cfg['source'])).name})")
@@ -306,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             follow_job(pipe, broadcast(None), broadcast)
     while True:
         try:
-            job = store.claim(owner)
+            prefer = getattr(pipe, "lora_key", None)  # with a library: jobs with the set it holds first
+            job = store.claim(owner, prefer, cfg.get("lora_max_overtaken", 4))
         except sqlite3.Error as e:  # a busy store must not end an idle worker
             log.warning("claim failed: %s", e)
             job = None
