@@ -18,7 +18,7 @@
 #   fp8_warm_serial    as warm_cached with WANFAST_LOAD_THREADS=0 (text encoder not loaded beside experts)
 #   bf16_cold, bf16_warm  one bf16 expert read cold then warm in one process; --no-compile
 # Environment: SPEC (t2v-A14B), GEN (generate flags of the FP8 runs), GEN_BF16, PROMPT, DEVICE (cuda),
-# H2D_GIB (8), GEN_TIMEOUT (s, 300), FP8_RUNS (which of the four FP8 runs, in order; default all: to save
+# COMPILE_CACHE (the --compile-cache folder), SKIP_DD, H2D_GIB (8), GEN_TIMEOUT (s, 300), FP8_RUNS (which of the four FP8 runs, in order; default all: to save
 # device time, e.g. FP8_RUNS="cold_compile warm_cached").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,8 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 SPEC=${SPEC:-t2v-A14B}
 CKPT=${CKPT:-/tmp/wf/cold/ckpt}
-CC=${CC:-/tmp/wf/cold/compile_cache}
+# not $CC: that names the C compiler (the GPU machine sets it; `rm -rf "$CC"` removed gcc there)
+COMPILE_CACHE=${COMPILE_CACHE:-/tmp/wf/cold/compile_cache}
 VIDEOS=${VIDEOS:-/tmp/wf/cold/videos}
 o=${OUT:-/tmp/out}/coldstart
 DEVICE=${DEVICE:-cuda}
@@ -47,7 +48,7 @@ drop() {  # 1 when the page cache was dropped, 0 when not (DROP=0 or not allowed
 gen() {  # NAME PAGE_CACHE(cold|warm) COMPILE_CACHE(fresh|keep|none) [extra generate flags...]
     local name=$1 state=$2 cache=$3 dropped=0 cc=() t0 rc
     shift 3
-    case $cache in fresh) rm -rf "$CC"; cc=(--compile-cache "$CC") ;; keep) cc=(--compile-cache "$CC") ;; esac
+    case $cache in fresh) rm -rf "$COMPILE_CACHE"; cc=(--compile-cache "$COMPILE_CACHE") ;; keep) cc=(--compile-cache "$COMPILE_CACHE") ;; esac
     [ "$state" = cold ] && dropped=$(drop)
     t0=$(date +%s%N)
     timeout "${GEN_TIMEOUT:-300}" python3 -m wanfast generate --ckpt-dir "$CKPT" --device "$DEVICE" \
@@ -71,10 +72,12 @@ write-fp8)
     ;;
 fp8)
     [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    "${helper[@]}" h2d --gib "${H2D_GIB:-8}" --device "$DEVICE" --out "$o/h2d.json"
-    printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_fp8_cold.json"
-    "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_cold.json"
-    "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_warm.json"
+    if [ "${SKIP_DD:-0}" != 1 ]; then  # SKIP_DD=1: the rates were measured in an earlier loan
+        "${helper[@]}" h2d --gib "${H2D_GIB:-8}" --device "$DEVICE" --out "$o/h2d.json"
+        printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_fp8_cold.json"
+        "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_cold.json"
+        "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_warm.json"
+    fi
     for run in ${FP8_RUNS:-cold_compile warm_cached cold_cached warm_serial}; do
         case $run in
         cold_compile) gen fp8_cold_compile cold fresh "${gen_flags[@]}" ;;
