@@ -167,9 +167,9 @@ def test_bad_loras_are_refused_at_the_door_and_store_nothing(server):
         assert c.get("/v1/videos").json()["total"] == before
 
 
-def _reference_frames(tmp_path, loras: list[dict], library, body: dict):
+def _reference_frames(tmp_path, loras: list[dict], library, body: dict, procs: int = 1):
     """The video of a fresh in-process build of the tiny model with ``loras`` merged by the builder, at
-    the worker's thread count (same float operations in the same order)."""
+    the thread count of a worker process of a pool of ``procs`` (same float operations in the same order)."""
     from wanfast.builder import build_pipeline
     from wanfast.config import EngineSettings, LoraSpec
     from wanfast.video import read_mp4, write_mp4
@@ -178,7 +178,7 @@ def _reference_frames(tmp_path, loras: list[dict], library, body: dict):
         LoraSpec(str(library / f"{x['name']}.safetensors"), x["high_noise"], x["low_noise"]) for x in loras
     )
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one worker: the pool's share is all but one
+    torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // procs))  # the pool's share per process
     try:
         pipe = build_pipeline("tiny", EngineSettings(device="cpu", loras=stack))
         result = pipe.run(
@@ -244,3 +244,21 @@ def test_serve_refuses_a_broken_library_and_fp8_at_start(tmp_path):
     write_random_lora(lib / "ok.safetensors", SPEC.dit, rank=2, seed=0)
     code, out = ServerProcess(tmp_path / "d2", "--lora-dir", str(lib), "--quant", "fp8").run_to_exit()
     assert code != 0 and "FP8" in out, out[-2000:]
+
+
+def test_a_two_process_worker_switches_on_both_ranks(tmp_path, library):
+    """CFG-parallel over two processes: rank 1 runs the unconditional pass, so it must switch too; the
+    videos equal the one-process fresh builds' (the same forwards, one per process)."""
+    from wanfast.video import read_mp4
+
+    args = ("--lora-dir", str(library), "--workers", "1", "--gpus-per-worker", "2")
+    body = {"prompt": "a fox", "seed": 5, "frames": 5, "steps": 2}
+    with ServerProcess(tmp_path / "split", *args) as srv, srv.client() as c:
+        for i, loras in enumerate([A, [], B]):
+            r = c.post("/v1/videos", json={**body, **({"loras": loras} if loras else {})})
+            done = wait_final(c, r.json()["id"], timeout=120)
+            assert done["state"] == "succeeded", done
+            (tmp_path / f"got{i}.mp4").write_bytes(c.get(done["content_url"]).content)
+            got = read_mp4(tmp_path / f"got{i}.mp4")[0]
+            want = _reference_frames(tmp_path, loras, library, body, procs=2)
+            assert (got == want).all(), (i, loras)
