@@ -245,3 +245,21 @@ def test_serve_refuses_a_broken_library_and_static_loras_at_start(tmp_path):
     static = ("--lora-dir", str(lib), "--lora", str(lib / "ok.safetensors"))
     code, out = ServerProcess(tmp_path / "d2", *static).run_to_exit()
     assert code != 0 and "cannot be combined with --lora" in out, out[-2000:]
+
+
+def test_a_two_process_worker_switches_on_both_ranks(tmp_path, library):
+    """CFG-parallel over two processes: rank 1 runs the unconditional pass, so it must switch too; the
+    videos equal the one-process fresh builds' (the same forwards, one per process)."""
+    from wanfast.video import read_mp4
+
+    args = ("--lora-dir", str(library), "--workers", "1", "--gpus-per-worker", "2")
+    body = {"prompt": "a fox", "seed": 5, "frames": 5, "steps": 2}
+    with ServerProcess(tmp_path / "split", *args) as srv, srv.client() as c:
+        for i, loras in enumerate([A, [], B]):
+            r = c.post("/v1/videos", json={**body, **({"loras": loras} if loras else {})})
+            done = wait_final(c, r.json()["id"], timeout=120)
+            assert done["state"] == "succeeded", done
+            (tmp_path / f"got{i}.mp4").write_bytes(c.get(done["content_url"]).content)
+            got = read_mp4(tmp_path / f"got{i}.mp4")[0]
+            want = _reference_frames(tmp_path, loras, library, body, procs=2)
+            assert (got == want).all(), (i, loras)
