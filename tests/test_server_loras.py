@@ -167,7 +167,7 @@ def test_bad_loras_are_refused_at_the_door_and_store_nothing(server):
         assert c.get("/v1/videos").json()["total"] == before
 
 
-def _reference_frames(tmp_path, loras: list[dict], library, body: dict, procs: int = 1):
+def _reference_frames(tmp_path, loras: list[dict], library, body: dict, procs: int = 1, **settings):
     """The video of a fresh in-process build of the tiny model with ``loras`` merged by the builder, at
     the thread count of a worker process of a pool of ``procs`` (same float operations in the same order)."""
     from wanfast.builder import build_pipeline
@@ -180,7 +180,7 @@ def _reference_frames(tmp_path, loras: list[dict], library, body: dict, procs: i
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // procs))  # the pool's share per process
     try:
-        pipe = build_pipeline("tiny", EngineSettings(device="cpu", loras=stack))
+        pipe = build_pipeline("tiny", EngineSettings(device="cpu", loras=stack, **settings))
         result = pipe.run(
             pipe.params(body["prompt"], seed=body["seed"], frames=body["frames"], steps=body["steps"])
         )
@@ -262,4 +262,24 @@ def test_a_two_process_worker_switches_on_both_ranks(tmp_path, library):
             (tmp_path / f"got{i}.mp4").write_bytes(c.get(done["content_url"]).content)
             got = read_mp4(tmp_path / f"got{i}.mp4")[0]
             want = _reference_frames(tmp_path, loras, library, body, procs=2)
+            assert (got == want).all(), (i, loras)
+
+
+def test_an_fp8_worker_requantises_each_set_as_a_fresh_fp8_build(tmp_path, library):
+    """--quant fp8: the worker re-quantises from the (tiny) checkpoint's values; videos equal the fresh
+    FP8 builds' with each set."""
+    from wanfast.video import read_mp4
+
+    body = {"prompt": "a fox", "seed": 5, "frames": 5, "steps": 2}
+    with (
+        ServerProcess(tmp_path / "fp8", "--lora-dir", str(library), "--quant", "fp8") as srv,
+        srv.client() as c,
+    ):
+        for i, loras in enumerate([A, []]):
+            r = c.post("/v1/videos", json={**body, **({"loras": loras} if loras else {})})
+            done = wait_final(c, r.json()["id"], timeout=120)
+            assert done["state"] == "succeeded", done
+            (tmp_path / f"got{i}.mp4").write_bytes(c.get(done["content_url"]).content)
+            got = read_mp4(tmp_path / f"got{i}.mp4")[0]
+            want = _reference_frames(tmp_path, loras, library, body, quant="fp8")
             assert (got == want).all(), (i, loras)
