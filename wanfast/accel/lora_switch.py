@@ -135,8 +135,7 @@ class LoraSwitcher:
             self.experts[name] = _Expert(dit, device, {}, {})
             metas[name] = {}
             for param in targets:
-                v = self._base_value(name, param)
-                metas[name][param] = torch.empty(v.shape, dtype=v.dtype, device="meta")
+                metas[name][param] = self._base_meta(name, param)
         self.placement = self._place(placement, reserve, metas)
         self.stack: tuple[Entry, ...] = ()
         # the files' tensors on the GPU that merges (their own dtype: the float32 cast happens in ``delta``
@@ -163,6 +162,20 @@ class LoraSwitcher:
         live = getattr(module, attr)[rows]
         stored = source(param, live) if source is not None else None
         return (live if stored is None else stored).detach()
+
+    def _base_meta(self, expert: str, param: str) -> Tensor:
+        """``_base_value``'s shape and dtype on the meta device, from the checkpoint's header where the
+        source tells its dtype (``checkpoint_source`` does): the values are read once, into their place."""
+        source = self._sources.get(expert)
+        dtype_of = getattr(source, "dtype_of", None)
+        if dtype_of is None:
+            v = self._base_value(expert, param)
+            return torch.empty(v.shape, dtype=v.dtype, device="meta")
+        module, attr, rows = locate(self.experts[expert].dit, param)
+        live = (module.qweight if _is_fp8_weight(module, attr) else getattr(module, attr))[rows]
+        stored = dtype_of(param)
+        dtype = stored if _is_fp8_weight(module, attr) or stored != live.dtype else live.dtype
+        return torch.empty(live.shape, dtype=dtype, device="meta")
 
     def _place(self, placement: str, reserve: int, metas: dict[str, dict[str, Tensor]]) -> str:
         """Copy the bases to the compute device or into one pinned host buffer per expert (module
