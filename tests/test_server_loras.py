@@ -61,6 +61,15 @@ def test_library_lists_and_fills_strengths_as_the_cli(library):
             lib.canonical(bad, True, 1 if "at most" in msg else 4)
     with pytest.raises(ValueError, match="one DiT"):
         lib.canonical([{"name": "a", "low_noise": 1.0}], False, 4)
+    kept = LoraLibrary.open(library, SPEC, keep=True)
+    assert [(f.path, hi, lo) for f, hi, lo in kept.stack({"loras": got})] == [
+        (str(library / "a.safetensors"), 1.0, 1.0),
+        (str(library / "b.safetensors"), 3.0, 3.0),
+    ]
+    with pytest.raises(ConfigError, match="'gone' is no longer in the server's library"):
+        kept.stack(
+            {"loras": [{"name": "gone", "high_noise": 1.0, "low_noise": 1.0}]}
+        )  # queued before a restart
 
 
 def test_a_broken_library_is_refused_naming_the_file(tmp_path):
