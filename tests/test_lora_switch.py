@@ -125,6 +125,9 @@ def test_unknown_file_and_fp8_without_a_checkpoint_are_refused(files):
     sw = enable_lora_switching(pipe, [read_lora(paths[1])])
     with pytest.raises(ValueError, match="no base"):
         sw.switch([(read_lora(paths[0]), 1.0, 1.0)])  # a.safetensors also has diffs B lacks
+    merged = build_pipeline(ckpt, _settings(loras=(LoraSpec(paths[1], 1.0, 1.0),)))
+    with pytest.raises(ConfigError, match="built without LoRAs"):
+        enable_lora_switching(merged, [read_lora(paths[1])])
     fp8 = build_pipeline("tiny", _settings(quant="fp8"))
     with pytest.raises(ConfigError, match="FP8 layer.*no checkpoint"):
         enable_lora_switching(fp8, [read_lora(paths[0])])  # no source: the pre-quantisation values are gone

@@ -123,6 +123,11 @@ class LoraSwitcher:
     ) -> None:
         if placement not in ("auto", "device", "host"):
             raise ValueError(f"placement {placement!r}: auto, device or host")
+        settings = getattr(pipe, "settings", None)
+        if settings is not None and settings.lora_stack():  # its weights would be taken as the bases
+            raise ConfigError(
+                "LoRA switching needs a model built without LoRAs (--lora): put them in the set"
+            )
         self.pipe, self.offload = pipe, getattr(pipe, "offload", None)
         files = list(files)
         targets = sorted({p for f in files for p in f.targets()})
