@@ -6,6 +6,8 @@ the same base values in the same order on the same device, so no rounding may di
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -36,9 +38,12 @@ def _settings(dtype=torch.float32, **kw) -> EngineSettings:
 
 
 def _state(pipe) -> dict[str, torch.Tensor]:
-    return {
-        f"{n}.{k}": v.clone() for n, e in pipe.experts.items() for k, v in plain_dit(e).state_dict().items()
-    }
+    """Every tensor of both experts (FP8 ones as their bytes: compared bit for bit)."""
+    out = {}
+    for n, e in pipe.experts.items():
+        for k, v in plain_dit(e).state_dict().items():
+            out[f"{n}.{k}"] = v.view(torch.uint8).clone() if v.dtype == torch.float8_e4m3fn else v.clone()
+    return out
 
 
 def _run(pipe) -> torch.Tensor:
@@ -97,15 +102,35 @@ def test_fused_rows_and_only_changed_params_are_rewritten(files):
     assert {id(p): p for p in dit.parameters()} == params  # same Parameter objects (compiled graphs hold)
 
 
-def test_unknown_file_and_fp8_are_refused(files):
+def test_fp8_switching_requantises_as_a_fresh_fp8_build(files):
+    """--quant fp8: the build merges, then quantises; the switch merges from the checkpoint's values and
+    quantises the rows with the same quantiser, so qweight and scale match bit for bit (bf16 compute)."""
+    ckpt, *paths = files
+    settings = _settings(torch.bfloat16, quant="fp8")
+    pipe = build_pipeline(ckpt, settings)
+    lib = [read_lora(p) for p in paths]
+    enable_lora_switching(pipe, lib, {n: checkpoint_source(ckpt / f"{n}_model") for n in pipe.experts})
+    for sel in SETS[:3]:
+        switch_loras(pipe, [(lib[i], hi, lo) for i, hi, lo in sel])
+        loras = tuple(LoraSpec(paths[i], hi, lo) for i, hi, lo in sel)
+        got, want = _state(pipe), _state(build_pipeline(ckpt, replace(settings, loras=loras)))
+        assert any(k.endswith("qweight") for k in want)
+        bad = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not bad, bad[:5]
+
+
+def test_unknown_file_and_fp8_without_a_checkpoint_are_refused(files):
     ckpt, *paths = files
     pipe = build_pipeline(ckpt, _settings())
     sw = enable_lora_switching(pipe, [read_lora(paths[1])])
     with pytest.raises(ValueError, match="no base"):
         sw.switch([(read_lora(paths[0]), 1.0, 1.0)])  # a.safetensors also has diffs B lacks
+    merged = build_pipeline(ckpt, _settings(loras=(LoraSpec(paths[1], 1.0, 1.0),)))
+    with pytest.raises(ConfigError, match="built without LoRAs"):
+        enable_lora_switching(merged, [read_lora(paths[1])])
     fp8 = build_pipeline("tiny", _settings(quant="fp8"))
-    with pytest.raises(ConfigError, match="FP8"):
-        enable_lora_switching(fp8, [read_lora(paths[0])])
+    with pytest.raises(ConfigError, match="FP8 layer.*no checkpoint"):
+        enable_lora_switching(fp8, [read_lora(paths[0])])  # no source: the pre-quantisation values are gone
 
 
 def test_expert_offload_switches_the_host_copies(files):

@@ -61,6 +61,15 @@ def test_library_lists_and_fills_strengths_as_the_cli(library):
             lib.canonical(bad, True, 1 if "at most" in msg else 4)
     with pytest.raises(ValueError, match="one DiT"):
         lib.canonical([{"name": "a", "low_noise": 1.0}], False, 4)
+    kept = LoraLibrary.open(library, SPEC, keep=True)
+    assert [(f.path, hi, lo) for f, hi, lo in kept.stack({"loras": got})] == [
+        (str(library / "a.safetensors"), 1.0, 1.0),
+        (str(library / "b.safetensors"), 3.0, 3.0),
+    ]
+    with pytest.raises(ConfigError, match="'gone' is no longer in the server's library"):
+        kept.stack(
+            {"loras": [{"name": "gone", "high_noise": 1.0, "low_noise": 1.0}]}
+        )  # queued before a restart
 
 
 def test_a_broken_library_is_refused_naming_the_file(tmp_path):
@@ -167,9 +176,9 @@ def test_bad_loras_are_refused_at_the_door_and_store_nothing(server):
         assert c.get("/v1/videos").json()["total"] == before
 
 
-def _reference_frames(tmp_path, loras: list[dict], library, body: dict):
+def _reference_frames(tmp_path, loras: list[dict], library, body: dict, procs: int = 1, **settings):
     """The video of a fresh in-process build of the tiny model with ``loras`` merged by the builder, at
-    the worker's thread count (same float operations in the same order)."""
+    the thread count of a worker process of a pool of ``procs`` (same float operations in the same order)."""
     from wanfast.builder import build_pipeline
     from wanfast.config import EngineSettings, LoraSpec
     from wanfast.video import read_mp4, write_mp4
@@ -178,9 +187,9 @@ def _reference_frames(tmp_path, loras: list[dict], library, body: dict):
         LoraSpec(str(library / f"{x['name']}.safetensors"), x["high_noise"], x["low_noise"]) for x in loras
     )
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one worker: the pool's share is all but one
+    torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // procs))  # the pool's share per process
     try:
-        pipe = build_pipeline("tiny", EngineSettings(device="cpu", loras=stack))
+        pipe = build_pipeline("tiny", EngineSettings(device="cpu", loras=stack, **settings))
         result = pipe.run(
             pipe.params(body["prompt"], seed=body["seed"], frames=body["frames"], steps=body["steps"])
         )
@@ -231,7 +240,7 @@ def test_queued_jobs_with_the_held_set_go_first(server):
     assert jobs[1]["started_at"] < jobs[0]["started_at"]
 
 
-def test_serve_refuses_a_broken_library_and_fp8_at_start(tmp_path):
+def test_serve_refuses_a_broken_library_and_static_loras_at_start(tmp_path):
     lib = tmp_path / "lib"
     lib.mkdir()
     save_file(
@@ -242,5 +251,44 @@ def test_serve_refuses_a_broken_library_and_fp8_at_start(tmp_path):
     assert code != 0 and "x.safetensors" in out and "lacks its B" in out, out[-2000:]
     (lib / "x.safetensors").unlink()
     write_random_lora(lib / "ok.safetensors", SPEC.dit, rank=2, seed=0)
-    code, out = ServerProcess(tmp_path / "d2", "--lora-dir", str(lib), "--quant", "fp8").run_to_exit()
-    assert code != 0 and "FP8" in out, out[-2000:]
+    static = ("--lora-dir", str(lib), "--lora", str(lib / "ok.safetensors"))
+    code, out = ServerProcess(tmp_path / "d2", *static).run_to_exit()
+    assert code != 0 and "cannot be combined with --lora" in out, out[-2000:]
+
+
+def test_a_two_process_worker_switches_on_both_ranks(tmp_path, library):
+    """CFG-parallel over two processes: rank 1 runs the unconditional pass, so it must switch too; the
+    videos equal the one-process fresh builds' (the same forwards, one per process)."""
+    from wanfast.video import read_mp4
+
+    args = ("--lora-dir", str(library), "--workers", "1", "--gpus-per-worker", "2")
+    body = {"prompt": "a fox", "seed": 5, "frames": 5, "steps": 2}
+    with ServerProcess(tmp_path / "split", *args) as srv, srv.client() as c:
+        for i, loras in enumerate([A, [], B]):
+            r = c.post("/v1/videos", json={**body, **({"loras": loras} if loras else {})})
+            done = wait_final(c, r.json()["id"], timeout=120)
+            assert done["state"] == "succeeded", done
+            (tmp_path / f"got{i}.mp4").write_bytes(c.get(done["content_url"]).content)
+            got = read_mp4(tmp_path / f"got{i}.mp4")[0]
+            want = _reference_frames(tmp_path, loras, library, body, procs=2)
+            assert (got == want).all(), (i, loras)
+
+
+def test_an_fp8_worker_requantises_each_set_as_a_fresh_fp8_build(tmp_path, library):
+    """--quant fp8: the worker re-quantises from the (tiny) checkpoint's values; videos equal the fresh
+    FP8 builds' with each set."""
+    from wanfast.video import read_mp4
+
+    body = {"prompt": "a fox", "seed": 5, "frames": 5, "steps": 2}
+    with (
+        ServerProcess(tmp_path / "fp8", "--lora-dir", str(library), "--quant", "fp8") as srv,
+        srv.client() as c,
+    ):
+        for i, loras in enumerate([A, []]):
+            r = c.post("/v1/videos", json={**body, **({"loras": loras} if loras else {})})
+            done = wait_final(c, r.json()["id"], timeout=120)
+            assert done["state"] == "succeeded", done
+            (tmp_path / f"got{i}.mp4").write_bytes(c.get(done["content_url"]).content)
+            got = read_mp4(tmp_path / f"got{i}.mp4")[0]
+            want = _reference_frames(tmp_path, loras, library, body, quant="fp8")
+            assert (got == want).all(), (i, loras)

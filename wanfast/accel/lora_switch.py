@@ -20,8 +20,11 @@ activation estimate of the largest request plus 10% of the device); otherwise in
 host copies and the fresh build merges on the CPU, so the bases stay on the CPU and the merge runs there
 (slow at A14B size: tens of seconds; a resident model is the fast path).
 
-FP8 (``--quant fp8`` or an FP8 checkpoint) is refused: the quantised layers hold no bf16 weight to write
-into, and re-quantising would need the bf16 base of every layer captured before ``accel`` runs.
+FP8 (``--quant fp8``): the builder merges before quantising, so for an FP8 layer the base is always the
+checkpoint's value (read through ``source``), and a switch merges it to the compute dtype and quantises it
+with ``accel.fp8``'s own ``quantize_rows`` into the layer's ``qweight`` / ``scale`` rows (per output row:
+the rows of q in a fused qkv quantise as q alone). Without a checkpoint (an FP8 checkpoint, random
+weights) there is no such base: refused.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from wanfast.accel.fp8 import FP8Linear
 from wanfast.config import ConfigError
+from wanfast.kernels.rowquant import quantize_rows
 from wanfast.loading.lora import LoRAFile, Source, merged_value, stack_order
 from wanfast.loading.lora_formats import _target
 from wanfast.models.dit import WanDiT
@@ -49,6 +54,7 @@ _FUSED = {
     ("cross_attn", "k"): ("wkv", 0, 2),
     ("cross_attn", "v"): ("wkv", 1, 2),
 }
+_NEVER = torch.empty(0, dtype=torch.float8_e4m3fn)  # a dtype no checkpoint_source tensor has: always read
 # one entry of a LoRA set: (file, high-noise strength, low-noise strength)
 Entry = tuple[LoRAFile, float, float]
 
@@ -61,18 +67,31 @@ def plain_dit(module: nn.Module) -> WanDiT:
     return module
 
 
-def live_tensor(dit: WanDiT, param: str) -> Tensor:
-    """The tensor holding the official parameter ``param`` in ``dit`` as built: the parameter itself, or
-    (after ``fuse_projections``) a view of its rows in the fused weight / bias."""
+def locate(dit: WanDiT, param: str) -> tuple[nn.Module, str, slice]:
+    """Where the official parameter ``param`` lives in ``dit`` as built: (module, attribute, rows), the
+    rows those of its Linear in a fused ``wqkv`` / ``wkv`` (after ``fuse_projections``), else all."""
     parts = param.split(".")
     if len(parts) == 5 and parts[0] == "blocks" and (parts[2], parts[3]) in _FUSED:
         attn = getattr(dit.blocks[int(parts[1])], parts[2])
         fused, j, n = _FUSED[(parts[2], parts[3])]
         if hasattr(attn, fused):
-            t = getattr(getattr(attn, fused), parts[4])  # wqkv.weight [3C, C] / .bias [3C]
-            rows = t.shape[0] // n
-            return t[j * rows : (j + 1) * rows]
-    return _target(dit, param, param)
+            module = getattr(attn, fused)
+            rows = module.out_features // n
+            return module, parts[4], slice(j * rows, (j + 1) * rows)
+    module_name, _, attr = param.rpartition(".")
+    _target(dit, param, param)  # a clear error for a parameter this model lacks
+    return dit.get_submodule(module_name), attr, slice(None)
+
+
+def _is_fp8_weight(module: nn.Module, attr: str) -> bool:
+    return isinstance(module, FP8Linear) and attr == "weight"
+
+
+def live_tensor(dit: WanDiT, param: str) -> Tensor:
+    """The tensor holding ``param`` in ``dit`` as built: the parameter, its rows of a fused weight / bias,
+    or, for an FP8 layer's weight, its rows of ``qweight``."""
+    module, attr, rows = locate(dit, param)
+    return (module.qweight if _is_fp8_weight(module, attr) else getattr(module, attr))[rows]
 
 
 def expert_stack(stack: Sequence[Entry], expert: str) -> list[tuple[LoRAFile, float]]:
@@ -104,6 +123,11 @@ class LoraSwitcher:
     ) -> None:
         if placement not in ("auto", "device", "host"):
             raise ValueError(f"placement {placement!r}: auto, device or host")
+        settings = getattr(pipe, "settings", None)
+        if settings is not None and settings.lora_stack():  # its weights would be taken as the bases
+            raise ConfigError(
+                "LoRA switching needs a model built without LoRAs (--lora): put them in the set"
+            )
         self.pipe, self.offload = pipe, getattr(pipe, "offload", None)
         files = list(files)
         targets = sorted({p for f in files for p in f.targets()})
@@ -112,34 +136,51 @@ class LoraSwitcher:
         metas: dict[str, dict[str, Tensor]] = {}  # shape and dtype of each base, no values held
         for name, module in pipe.experts.items():
             dit = plain_dit(module)
-            if any(type(m).__name__ == "FP8Linear" for m in dit.modules()):
-                raise ConfigError(
-                    "a LoRA library needs bf16/fp32 weights: FP8 linears (--quant fp8, or an FP8 checkpoint) "
-                    "hold no weight to merge into; serve the bf16 checkpoint without --quant fp8"
-                )
             device = torch.device("cpu") if self.offload is not None else next(dit.parameters()).device
             self.experts[name] = _Expert(dit, device, {}, {})
             metas[name] = {}
             for param in targets:
-                v = self._base_value(name, param)
-                metas[name][param] = torch.empty(v.shape, dtype=v.dtype, device="meta")
+                metas[name][param] = self._base_meta(name, param)
         self.placement = self._place(placement, reserve, metas)
         self.stack: tuple[Entry, ...] = ()
-        # with the bases on a GPU, the files' tensors too (their dtype: the float32 cast happens in
-        # ``delta`` as in the builder's merge; exact either side of the copy): no host copy per switch
+        # the files' tensors on the GPU that merges (their own dtype: the float32 cast happens in ``delta``
+        # as in the builder's merge, exact either side of the copy; ~1% of the bases at rank 64): no
+        # pageable host copy per switch
         self._staged: dict[tuple[int, torch.device], LoRAFile] = {}
-        if self.placement == "device":
-            for f in files:
-                for dev in {e.device for e in self.experts.values() if e.device.type == "cuda"}:
-                    self._staged[(id(f), dev)] = _to_device(f, dev)
+        for f in files:
+            for dev in {e.device for e in self.experts.values() if e.device.type == "cuda"}:
+                self._staged[(id(f), dev)] = _to_device(f, dev)
 
     def _base_value(self, expert: str, param: str) -> Tensor:
         """The value the fresh build's merge starts from: the checkpoint's where ``source`` has a wider one
         (read now: one tensor at a time, never a second model in memory), else the loaded weight."""
-        live = live_tensor(self.experts[expert].dit, param)
+        module, attr, rows = locate(self.experts[expert].dit, param)
         source = self._sources.get(expert)
+        if _is_fp8_weight(module, attr):  # the build merged before quantising: only the checkpoint has it
+            if source is None:
+                raise ConfigError(
+                    f"{param} is an FP8 layer: switching LoRAs re-quantises from the checkpoint's values, and "
+                    "this model has no checkpoint (an FP8 checkpoint, or random weights); serve the bf16 "
+                    "checkpoint with --quant fp8"
+                )
+            return source(param, _NEVER)
+        live = getattr(module, attr)[rows]
         stored = source(param, live) if source is not None else None
         return (live if stored is None else stored).detach()
+
+    def _base_meta(self, expert: str, param: str) -> Tensor:
+        """``_base_value``'s shape and dtype on the meta device, from the checkpoint's header where the
+        source tells its dtype (``checkpoint_source`` does): the values are read once, into their place."""
+        source = self._sources.get(expert)
+        dtype_of = getattr(source, "dtype_of", None)
+        if dtype_of is None:
+            v = self._base_value(expert, param)
+            return torch.empty(v.shape, dtype=v.dtype, device="meta")
+        module, attr, rows = locate(self.experts[expert].dit, param)
+        live = (module.qweight if _is_fp8_weight(module, attr) else getattr(module, attr))[rows]
+        stored = dtype_of(param)
+        dtype = stored if _is_fp8_weight(module, attr) or stored != live.dtype else live.dtype
+        return torch.empty(live.shape, dtype=dtype, device="meta")
 
     def _place(self, placement: str, reserve: int, metas: dict[str, dict[str, Tensor]]) -> str:
         """Copy the bases to the compute device or into one pinned host buffer per expert (module
@@ -184,13 +225,21 @@ class LoraSwitcher:
                     items = want.get(param, [])
                     if param in e.current and _same(e.current[param], items):
                         continue
-                    live = live_tensor(e.dit, param)
+                    module, attr, rows = locate(e.dit, param)
+                    fp8 = _is_fp8_weight(module, attr)
+                    dtype = module.compute_dtype if fp8 else getattr(module, attr).dtype
                     base = e.bases[param].to(e.device, non_blocking=True)  # from pinned memory: async
                     if items:
                         items = [(self._staged.get((id(f), e.device), f), x) for f, x in items]
-                        live.copy_(merged_value(base, param, items, live.dtype, e.device))
+                        value = merged_value(base, param, items, dtype, e.device)
                     else:  # the plain load's value: the base cast once, as load_transformer did
-                        live.copy_(base.to(live.dtype))
+                        value = base.to(dtype)
+                    if fp8:  # quantised per output row as accel.fp8 did: the fused layer's rows are these
+                        qweight, scale = quantize_rows(value)
+                        module.qweight[rows].copy_(qweight)
+                        module.scale[rows].copy_(scale[:, 0])
+                    else:
+                        getattr(module, attr)[rows].copy_(value)
                     n += 1
             except BaseException:
                 e.current = {p: [(None, float("nan"))] for p in e.bases}  # unknown: rewrite all next time

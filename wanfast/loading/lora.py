@@ -203,11 +203,15 @@ def checkpoint_source(folder: str | Path) -> Source:
     where = {k: h for h in handles for k in h.keys()}
     dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
+    def dtype_of(param: str) -> torch.dtype | None:
+        key = next(iter(dit_keys.official_to_diffusers({param: None}))) if diffusers else param
+        return dtypes.get(where[key].get_slice(key).get_dtype())
+
     def source(param: str, w: Tensor) -> Tensor | None:
         key = next(iter(dit_keys.official_to_diffusers({param: None}))) if diffusers else param
-        h = where[key]
-        return None if dtypes.get(h.get_slice(key).get_dtype()) == w.dtype else h.get_tensor(key)
+        return None if dtype_of(param) == w.dtype else where[key].get_tensor(key)
 
+    source.dtype_of = dtype_of  # the stored dtype from the header, no read (the LoRA switcher's plan)
     return source
 
 

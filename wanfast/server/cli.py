@@ -114,10 +114,10 @@ def open_lora_library(args: argparse.Namespace, model):
     settings = engine_settings(args)
     if args.max_loras < 1 or args.lora_max_overtaken < 0:
         raise ConfigError("--max-loras must be >= 1 and --lora-max-overtaken >= 0")
-    if model.fp8_checkpoint or settings.quant is not None:
+    if model.fp8_checkpoint:
         raise ConfigError(
-            "--lora-dir needs bf16/fp32 weights: FP8 linears (an FP8 checkpoint, or --quant fp8) hold no weight "
-            "to merge a LoRA into; serve the bf16 checkpoint without --quant fp8"
+            "--lora-dir needs the bf16/fp32 checkpoint: LoRAs merge before FP8 quantisation, and an FP8 "
+            "checkpoint holds no unquantised weight; serve the bf16 checkpoint with --quant fp8"
         )
     if settings.lora_stack() or not settings.lora_merge:
         raise ConfigError(

@@ -131,7 +131,11 @@ class LoraLibrary:
         return out
 
     def stack(self, request: dict) -> list[tuple]:
-        """The switcher's stack of a stored request: [(LoRAFile, high, low)] (needs ``keep``)."""
+        """The switcher's stack of a stored request: [(LoRAFile, high, low)] (needs ``keep``). A job queued
+        before a restart with another library may name a file that is gone: ConfigError naming it."""
+        gone = [x["name"] for x in request.get("loras", ()) if x["name"] not in self.files]
+        if gone:
+            raise ConfigError(f"LoRA {gone[0]!r} is no longer in the server's library ({self.folder.name})")
         return [(self.files[x["name"]], x["high_noise"], x["low_noise"]) for x in request.get("loras", ())]
 
 

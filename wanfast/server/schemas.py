@@ -218,8 +218,8 @@ class LoraInfo(BaseModel):
     targets: int = Field(description="parameters it changes")
     full_deltas: bool = Field(description="holds full deltas (.diff / .diff_b / .diff_m) besides pairs")
     models: list[str] = Field(
-        description="published Wan2.2 models it fits (every one is checked against "
-        "the served model at server start)"
+        description="the served model (every file is checked against it at server start) and the "
+        "published Wan2.2 models every target of the file fits"
     )
 
 

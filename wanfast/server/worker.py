@@ -102,7 +102,7 @@ def _lora_switcher(pipe, cfg: dict):
     from wanfast.accel.lora_switch import enable_lora_switching
     from wanfast.accel.offload import activation_bytes
     from wanfast.loading.lora import checkpoint_source
-    from wanfast.server.lora_library import LoraLibrary
+    from wanfast.server.lora_library import LoraLibrary, set_key
     from wanfast.server.schemas import LIMIT_FACTOR
 
     library = LoraLibrary.open(cfg["lora_dir"], pipe.spec, keep=True)
@@ -125,7 +125,7 @@ def _lora_switcher(pipe, cfg: dict):
     if pipe.device.type == "cuda":
         reserve += torch.cuda.get_device_properties(pipe.device).total_memory // 10
     switcher = enable_lora_switching(pipe, library.files.values(), sources, reserve=reserve)
-    switcher.library, pipe.lora_key = library, None
+    switcher.library, pipe.lora_key = library, set_key({})  # built without LoRAs: the empty set held
     log.info("LoRA library: %d files, bases in %s memory", len(library.files), switcher.placement)
     return switcher
 
