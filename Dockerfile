@@ -27,11 +27,13 @@ ENV VIRTUAL_ENV=/opt/wanfast \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/data/hf
 
-# Python, when the base lacks it (CUDA bases do; a PyTorch base or the CI's debootstrap base has it).
-RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
+# Python with its headers, and a C compiler: Triton (torch.compile's GPU kernels) builds a small C module
+# when it first runs. apt installs them where the base lacks any (CUDA bases lack all three).
+RUN if ! python3 -c "import ensurepip, os, sysconfig; assert os.path.isfile(sysconfig.get_path('include') + '/Python.h')" \
+            2>/dev/null || ! command -v cc >/dev/null; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            python3 python3-venv ca-certificates \
+            python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && python3 -m venv --system-site-packages /opt/wanfast \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The container image's CI test (called by .ci/run; README "Container"). No registry is reachable here, so
 # the base is a Debian bookworm made with debootstrap; podman builds the repository's Dockerfile on it with
-# the CPU torch wheel from a mounted folder (no multi-GB CUDA download), then, inside the image:
+# the CPU torch wheel from a mounted folder (no multi-GB CUDA download; the build's apt step adds the C
+# compiler and Python headers, the path a CUDA base takes too), then, inside the image:
 #   1. `wanfast generate --model tiny` writes a 9-frame MP4 (decoded and counted in the container);
 #   2. `wanfast serve --model tiny` (the image's entrypoint) answers /health, and the image's HEALTHCHECK
 #      says healthy; a job submitted with the API key runs and its MP4 is served (decoded and counted);
@@ -17,7 +18,7 @@ start=$SECONDS
 say() { echo "container-test: $*"; }
 skip() {
     echo "================================================================"
-    echo "SKIPPED: container test (scripts/container-test.sh): $*"
+    echo "SKIPPED: container test (scripts/container-test.sh): $*  ($((SECONDS - start)) s)"
     echo "================================================================"
     exit 0
 }
