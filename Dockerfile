@@ -3,11 +3,13 @@
 # base and tests it in CI.
 #
 # The base needs nothing but a glibc Linux with apt-get or an installed python3 (>= 3.10) with venv:
-#   default  an NVIDIA CUDA runtime (Ubuntu 24.04); torch comes from PyPI (its CUDA 12 build)
+#   default  NVIDIA's CUDA base (Ubuntu 24.04: the driver hook-up, no CUDA libraries); torch comes from PyPI
+#            with its own CUDA and cuDNN libraries (the nvidia-* wheels), so a runtime/cudnn base would
+#            hold them twice
 #   NGC      --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.04-py3 keeps the base's own torch (the venv
 #            sees the system site-packages, and pip leaves a satisfied torch alone)
 #   CPU      any Debian/Ubuntu with --build-arg TORCH_SPEC=torch==2.13.0+cpu plus a wheel folder (below)
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 # The torch requirement for pip; a base whose python already satisfies it downloads nothing.

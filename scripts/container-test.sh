@@ -44,6 +44,7 @@ P=(podman --root "$CACHE/storage" --runroot "$CACHE/runroot" --runtime runc --cg
 LIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=32768:32768)
 cleanup() {
     "${P[@]}" rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
+    "${P[@]}" image prune -f >/dev/null 2>&1 || true # earlier builds' images: the cache keeps one
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -53,12 +54,14 @@ trap cleanup EXIT
 BASE_TAR=$CACHE/debian-bookworm-python3.tar
 if [ ! -s "$BASE_TAR" ]; then
     say "debootstrap bookworm (cold: about 2 min)"
+    t=$SECONDS
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$WORK/rootfs" \
         "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log" 2>&1 ||
         { tail -n 20 "$WORK/debootstrap.log"; exit 1; }
     rm -rf "$WORK"/rootfs/var/cache/apt/archives/*.deb "$WORK"/rootfs/var/lib/apt/lists/*
     tar --numeric-owner -C "$WORK/rootfs" -cf "$BASE_TAR.part" . && mv "$BASE_TAR.part" "$BASE_TAR"
     rm -rf "$WORK/rootfs"
+    say "base made in $((SECONDS - t)) s"
 fi
 # a run that can no more than import the base has no podman to speak of: that, too, is a skip
 "${P[@]}" import -q "$BASE_TAR" localhost/wanfast-base:bookworm >/dev/null
