@@ -45,7 +45,7 @@ LIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=32768:32768)
 cleanup() {
     "${P[@]}" rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
     "${P[@]}" image prune -f >/dev/null 2>&1 || true # earlier builds' images: the cache keeps one
-    rm -rf "$WORK"
+    rm -rf --one-file-system "$WORK" # never into a mount a failed debootstrap left in its chroot
 }
 trap cleanup EXIT
 "${P[@]}" info >/dev/null 2>"$WORK/info.err" || skip "podman cannot run: $(tail -n 3 "$WORK/info.err")"
@@ -63,7 +63,7 @@ if [ ! -s "$BASE_TAR" ]; then
     rm -rf "$WORK/rootfs"
     say "base made in $((SECONDS - t)) s"
 fi
-# a run that can no more than import the base has no podman to speak of: that, too, is a skip
+# a podman that cannot start a container cannot run here at all: that, too, is a skip
 "${P[@]}" import -q "$BASE_TAR" localhost/wanfast-base:bookworm >/dev/null
 "${P[@]}" run --rm --network none "${LIMITS[@]}" localhost/wanfast-base:bookworm true 2>"$WORK/run.err" ||
     skip "podman cannot run a container: $(tail -n 3 "$WORK/run.err")"

@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,15 +68,30 @@ def test_two_launchers_write_the_single_process_video(tmp_path, single, backend)
             "--rdzv-backend", backend, *rdzv, "--rdzv-endpoint", f"127.0.0.1:{port}",
             "-m", "wanfast", *ARGS, "--cfg-parallel",
         ]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=_env(), cwd=cwd))  # fmt: skip
+        with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=cwd))
+    # a launcher that fails leaves the other waiting at the rendezvous: stop at the first failure
+    deadline = time.monotonic() + 300
     try:
-        outs = [p.communicate(timeout=300) for p in procs]
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs):
+                break
+            time.sleep(0.2)
     finally:
+        for p in procs:  # SIGTERM first: torchrun passes it on to its worker, which SIGKILL would orphan
+            if p.poll() is None:
+                p.terminate()
         for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    outs = [((cwd / "out.txt").read_text(), (cwd / "err.txt").read_text()) for cwd in nodes]
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0], "\n".join(
+        f"node {i} ({c}): {e[-2000:]}" for i, (c, (_, e)) in enumerate(zip(codes, outs, strict=True))
+    )
     # exactly one launcher holds global rank 0 (c10d decides which), and only it writes and reports
     writers = [cwd for cwd in nodes if (cwd / "v.mp4").exists()]
     assert len(writers) == 1, writers
