@@ -1,4 +1,5 @@
-# wanfast's serving image: `wanfast serve` on port 8000, weights mounted at /weights, jobs and videos at /data.
+# wanfast's serving image: `wanfast serve` on port 8000, the weights mounted at /weights, jobs and videos
+# at /data.
 # README "Container" has the build and run commands; scripts/container-test.sh builds it from a local Debian
 # base and tests it in CI.
 #
@@ -31,8 +32,8 @@ ENV VIRTUAL_ENV=/opt/wanfast \
 
 # Python with its headers, and a C compiler: Triton (torch.compile's GPU kernels) builds a small C module
 # when it first runs. apt installs them where the base lacks any (CUDA bases lack all three).
-RUN if ! python3 -c "import ensurepip, os, sysconfig; assert os.path.isfile(sysconfig.get_path('include') + '/Python.h')" \
-            2>/dev/null || ! command -v cc >/dev/null; then \
+RUN inc=$(python3 -c "import ensurepip, sysconfig; print(sysconfig.get_path('include'))" 2>/dev/null); \
+    if [ ! -f "$inc/Python.h" ] || ! command -v cc >/dev/null; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
             python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
@@ -64,6 +65,6 @@ EXPOSE 8000
 # /health answers 200 once a worker has its model loaded (503 while loading): a 14B model can take minutes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
     CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-# Arguments after the image name are added to these, e.g. `--model tiny --device cpu`, `--gpus 0,1`.
+# Arguments after the image name replace CMD: `--ckpt-dir /weights --gpus 0,1`, `--model tiny --device cpu`.
 ENTRYPOINT ["wanfast", "serve", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]
 CMD ["--ckpt-dir", "/weights"]

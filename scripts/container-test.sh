@@ -112,8 +112,8 @@ print("container-test: generate wrote a 64x48 MP4 of 9 frames")'
 # --- 2. the service: /health, the HEALTHCHECK, a job and its MP4 -----------------------------------------
 mkdir -m 0777 "$WORK/data"
 # (no systemd here: podman says it cannot schedule the periodic health check; `healthcheck run` below works)
-"${RUN[@]}" -d --name "$NAME" -e WANFAST_API_KEY=ci-key -v "$WORK/data:/data" "$IMG" --model tiny --device cpu \
-    >/dev/null 2>"$WORK/start.err" || { cat "$WORK/start.err"; exit 1; }
+"${RUN[@]}" -d --name "$NAME" -e WANFAST_API_KEY=ci-key -v "$WORK/data:/data" "$IMG" \
+    --model tiny --device cpu >/dev/null 2>"$WORK/start.err" || { cat "$WORK/start.err"; exit 1; }
 # the client runs in the service's network namespace (--network none: loopback only, no port on the host)
 "${P[@]}" exec -i "$NAME" python3 - <<'EOF' || { "${P[@]}" logs "$NAME" 2>&1 | tail -n 40; exit 1; }
 import io, json, time, urllib.error, urllib.request

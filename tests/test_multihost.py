@@ -28,8 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--steps", "2", "--seed", "5",
-        "--device", "cpu", "--no-progress", "--output", "v.mp4", "--save-latents", "v.safetensors"]  # fmt: skip
+ARGS = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--steps", "2",
+        "--seed", "5", "--device", "cpu", "--no-progress", "--output", "v.mp4",
+        "--save-latents", "v.safetensors"]  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 
 
