@@ -1,4 +1,5 @@
-"""The job store's state machine, queue bound, restart rule and fencing; request validation. No processes."""
+"""The job store's state machine, queue bound, restart rule and fencing; request validation. No processes.
+Every store test runs on SQLite and on a real PostgreSQL server (a throwaway cluster: conftest.postgres)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,24 @@ from wanfast.specs import SPECS
 REQ = {"prompt": "a cat", "steps": 4}
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    target = (
+        tmp_path / "jobs.db"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres").new_database()
+    )
+    store = JobStore(target)
     store.reset_workers(["w0", "w1"])
     return store
+
+
+def video(store: JobStore, job_id: str, final) -> bytes | None:
+    """The stored video of a job: its file on SQLite, its rows on PostgreSQL (None: there is none)."""
+    if store.videos_in_db:
+        assert not final.exists(), "a PostgreSQL store keeps no video file"
+        return b"".join(store.video_chunks(job_id)) if store.video_size(job_id) is not None else None
+    return final.read_bytes() if final.exists() else None
 
 
 def claimed(store: JobStore, owner: str = "w1", slot: str = "w0"):
@@ -53,7 +67,7 @@ def test_lifecycle_and_atomic_result(store, tmp_path):
     got = store.get(job.id)
     assert got.state == "succeeded" and got.timings == {"total": 2.0} and got.finished_at is not None
     assert got.stage is None
-    assert final.read_bytes() == b"video" and not tmp.exists()
+    assert video(store, job.id, final) == b"video" and not tmp.exists()
     assert store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
     with pytest.raises(ValueError, match="not a final state"):
         store.finish(job.id, "w1", "running")
@@ -149,7 +163,7 @@ def test_fencing_keeps_an_orphaned_worker_out(store, tmp_path):
     tmp.write_bytes(b"late")
     with pytest.raises(NotOwner):
         store.finish(job.id, "old", "succeeded", result=(tmp, final))
-    assert not final.exists() and not tmp.exists() and store.get(job.id).state == "queued"
+    assert video(store, job.id, final) is None and not tmp.exists() and store.get(job.id).state == "queued"
 
 
 def test_validate_request_shares_the_pipeline_rules():
