@@ -3,23 +3,31 @@ Every store test runs on SQLite and on a real PostgreSQL server (a throwaway clu
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
+from wanfast.config import ConfigError
+from wanfast.server.jobdb import SCHEMA_VERSION, migrate, schema_version
 from wanfast.server.jobs import IdempotencyConflict, JobStore, NotOwner, QueueFull
 from wanfast.server.schemas import VideoRequest, validate_request
+from wanfast.server.storedb import Database
 from wanfast.specs import SPECS
 
 REQ = {"prompt": "a cat", "steps": 4}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    target = (
-        tmp_path / "jobs.db"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres").new_database()
-    )
-    store = JobStore(target)
+def new_target(request, tmp_path):
+    """A function making a new empty database: a SQLite file, or a database of the PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return lambda: tmp_path / f"{uuid.uuid4().hex[:8]}.db"
+    return request.getfixturevalue("postgres").new_database
+
+
+@pytest.fixture
+def store(new_target):
+    store = JobStore(new_target())
     store.reset_workers(["w0", "w1"])
     return store
 
@@ -184,3 +192,26 @@ def test_validate_request_shares_the_pipeline_rules():
     for fields, message in bad:
         with pytest.raises(ValueError, match=message):
             validate_request(VideoRequest(**{"prompt": "a cat", **fields}), spec, limit)
+
+
+def test_a_store_of_the_previous_schema_version_is_migrated(new_target):
+    """A database of version N-1 (made by the migration steps stopped there), with a job in it: opening the
+    store brings it to version N, the job intact; a database newer than this code is refused."""
+    target = new_target()
+    old = Database(target, 5.0)
+    assert migrate(old, upto=SCHEMA_VERSION - 1) == 0 and schema_version(old) == SCHEMA_VERSION - 1
+    columns = "id, state, request, created_at, updated_at, stage"
+    old.con().execute(f"INSERT INTO jobs ({columns}) VALUES ('j', 'queued', '{{}}', 1, 1, NULL)")
+    with pytest.raises(Exception, match="lease_expires"):  # the column version N adds is not there yet
+        old.con().execute("SELECT lease_expires FROM jobs").fetchall()
+    migrated = JobStore(target)
+    assert schema_version(migrated.db) == SCHEMA_VERSION
+    job = migrated.get("j")
+    assert (job.state, job.request, job.lease_expires, job.created_at) == ("queued", {}, None, 1.0)
+    migrated.reset_workers(["w0"])
+    migrated.register_worker("w0", "t")
+    assert migrated.claim("t").id == "j" and migrated.get("j").lease_expires > job.created_at
+    assert migrated.video_size("j") is None  # the video tables of version N exist
+    migrated._con().execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this wanfast's"):
+        JobStore(target)
