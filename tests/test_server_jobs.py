@@ -215,3 +215,76 @@ def test_a_store_of_the_previous_schema_version_is_migrated(new_target):
     migrated._con().execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this wanfast's"):
         JobStore(target)
+
+
+def test_an_expired_lease_frees_the_job_of_a_worker_still_registered(store, tmp_path):
+    """A worker whose host vanished stays registered (nobody fenced it off): its job is the restart rule's
+    once the lease its heartbeat renewed has expired, and the worker, should it come back, is fenced."""
+    store.max_attempts, store.lease_seconds = 2, 60.0
+    store.submit(REQ, 4)
+    job = claimed(store, "lost")
+    assert job.lease_expires == pytest.approx(job.started_at + 60.0)
+    assert store.heartbeat("lost", "busy") and store.get(job.id).lease_expires >= job.lease_expires
+    assert store.recover(tmp_path, "lease expired") == {}, "a live lease keeps the job"
+    store._con().execute("UPDATE jobs SET lease_expires = lease_expires - 120 WHERE id = ?", (job.id,))
+    assert store.recover(tmp_path, "lease expired") == {job.id: "queued"}
+    again = store.get(job.id)
+    assert again.owner is None and again.lease_expires is None and again.note.startswith("re-queued: lease")
+    with pytest.raises(NotOwner):
+        store.progress(job.id, "lost", 2, 4, "high_noise", 0.1, 0.1)
+    assert store.claim("lost").id == job.id  # still registered: it may take work again, with a new lease
+    store._con().execute("UPDATE jobs SET lease_expires = 0 WHERE id = ?", (job.id,))
+    assert store.recover(tmp_path, "lease expired") == {job.id: "failed"}  # its second start: not retried
+    assert "interrupted 2 times (lease expired" in store.get(job.id).error
+
+
+def test_concurrent_claims_take_every_job_once(store):
+    """Four workers claiming at once from threads (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: its one
+    write lock): each job is claimed by exactly one."""
+    import threading
+
+    ids = {store.submit({"prompt": f"job {i}"}, 100)[0].id for i in range(40)}
+    owners = [f"t{i}" for i in range(4)]
+    store.reset_workers([f"w{i}" for i in range(4)])
+    for i, owner in enumerate(owners):
+        store.register_worker(f"w{i}", owner)
+    got: dict[str, list[str]] = {o: [] for o in owners}
+
+    def work(owner: str) -> None:
+        while (job := store.claim(owner)) is not None:
+            got[owner].append(job.id)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in owners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    taken = [j for js in got.values() for j in js]
+    assert sorted(taken) == sorted(ids) and len(set(taken)) == len(ids)
+    assert store.counts()["running"] == 40
+
+
+def test_a_video_is_kept_whole_and_a_too_large_one_fails_its_job(store, tmp_path):
+    """On PostgreSQL a video is stored as 1 MiB rows, streamed back in order; one above the store's cap
+    fails the job with the reason. On SQLite it is the file (no cap there: the disk is the limit)."""
+    from wanfast.server.videos import CHUNK_BYTES
+
+    store.max_video_bytes = 3 * CHUNK_BYTES
+    data = bytes(range(256)) * (CHUNK_BYTES * 5 // 2 // 256) + b"tail"  # 2.5 MiB: three chunks
+    store.submit(REQ, 4)
+    store.submit(REQ, 4)
+    for payload in (data, data * 2):
+        job = claimed(store)
+        tmp, final = tmp_path / f"{job.id}.tmp.mp4", tmp_path / f"{job.id}.mp4"
+        tmp.write_bytes(payload)
+        state = store.finish(job.id, "w1", "succeeded", result=(tmp, final))
+        if payload is data or not store.videos_in_db:
+            assert state == "succeeded" and video(store, job.id, final) == payload
+            if store.videos_in_db:
+                assert store.video_size(job.id) == len(data) and len(list(store.video_chunks(job.id))) == 3
+        else:
+            assert state == "failed" and video(store, job.id, final) is None
+            assert (
+                f"the video is {len(payload)} bytes, above this job store's limit" in store.get(job.id).error
+            )
+        assert not tmp.exists()
