@@ -4,10 +4,12 @@ Every store test runs on SQLite and on a real PostgreSQL server (a throwaway clu
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import pytest
 
 from wanfast.config import ConfigError
+from wanfast.server import videos
 from wanfast.server.jobdb import SCHEMA_VERSION, migrate, schema_version
 from wanfast.server.jobs import IdempotencyConflict, JobStore, NotOwner, QueueFull
 from wanfast.server.schemas import VideoRequest, validate_request
@@ -36,7 +38,7 @@ def video(store: JobStore, job_id: str, final) -> bytes | None:
     """The stored video of a job: its file on SQLite, its rows on PostgreSQL (None: there is none)."""
     if store.videos_in_db:
         assert not final.exists(), "a PostgreSQL store keeps no video file"
-        return b"".join(store.video_chunks(job_id)) if store.video_size(job_id) is not None else None
+        return b"".join(videos.chunks(store, job_id)) if videos.size(store, job_id) is not None else None
     return final.read_bytes() if final.exists() else None
 
 
@@ -211,7 +213,7 @@ def test_a_store_of_the_previous_schema_version_is_migrated(new_target):
     migrated.reset_workers(["w0"])
     migrated.register_worker("w0", "t")
     assert migrated.claim("t").id == "j" and migrated.get("j").lease_expires > job.created_at
-    assert migrated.video_size("j") is None  # the video tables of version N exist
+    assert videos.size(migrated, "j") is None  # the video tables of version N exist
     migrated._con().execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this wanfast's"):
         JobStore(target)
@@ -281,10 +283,57 @@ def test_a_video_is_kept_whole_and_a_too_large_one_fails_its_job(store, tmp_path
         if payload is data or not store.videos_in_db:
             assert state == "succeeded" and video(store, job.id, final) == payload
             if store.videos_in_db:
-                assert store.video_size(job.id) == len(data) and len(list(store.video_chunks(job.id))) == 3
+                assert (
+                    videos.size(store, job.id) == len(data) and len(list(videos.chunks(store, job.id))) == 3
+                )
         else:
             assert state == "failed" and video(store, job.id, final) is None
             assert (
                 f"the video is {len(payload)} bytes, above this job store's limit" in store.get(job.id).error
             )
         assert not tmp.exists()
+
+
+def test_an_input_image_reaches_a_worker_on_another_host(store, tmp_path):
+    """The web process stores an image under its hash; a worker of a PostgreSQL store without that file
+    (another host) gets it written to its own inputs folder. On SQLite (one host) the request is left as
+    it is: the worker reads the web process's file."""
+    import hashlib
+
+    image = b"\x89PNG not really" * 100
+    web = tmp_path / "web" / "inputs" / f"{hashlib.sha256(image).hexdigest()}.img"
+    web.parent.mkdir(parents=True)
+    web.write_bytes(image)
+    videos.put_input(store, web, image)
+    videos.put_input(store, web, image)  # a retried submission: stored once, no error
+    store.submit({"prompt": "x", "image": str(web)}, 4)
+    job = claimed(store)
+    local = videos.local_inputs(store, job, tmp_path / "worker" / "inputs")
+    if store.videos_in_db:
+        fetched = tmp_path / "worker" / "inputs" / web.name
+        assert local.request["image"] == str(fetched) and fetched.read_bytes() == image
+        assert store.get(job.id).request["image"] == str(web), "the stored request is unchanged"
+        missing = replace(job, request={"prompt": "x", "image": str(tmp_path / "nowhere" / "0abc.img")})
+        assert videos.local_inputs(store, missing, tmp_path / "w2").request["image"] == str(
+            tmp_path / "nowhere" / "0abc.img"
+        )
+    else:
+        assert local == job and not (tmp_path / "worker").exists()
+
+
+def test_a_lost_postgresql_connection_is_replaced(new_target):
+    """The server ends a connection (a restart, a failover): the call that meets it fails with a store error
+    (the web process answers 503, a worker retries), and the next call opens a new one."""
+    from wanfast.server.storedb import STORE_ERRORS
+
+    store = JobStore(new_target())
+    store.submit(REQ, 4)
+    if not store.db.postgres:
+        assert store.counts()["queued"] == 1  # SQLite: a file, no connection to lose
+        return
+    pid = store._con().execute("SELECT pg_backend_pid()").fetchone()[0]
+    other = Database(store.db.target, 5.0)
+    other.con().execute("SELECT pg_terminate_backend(?)", (pid,))
+    with pytest.raises(STORE_ERRORS):
+        store.counts()
+    assert store.counts()["queued"] == 1

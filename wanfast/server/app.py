@@ -228,6 +228,8 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_bytes(image)
                 tmp.replace(path)
+            # PostgreSQL: kept in the store too, for workers on other hosts (videos.local_inputs)
+            videos.put_input(store, path, image)
             request["image"] = str(path)
         try:
             settings.fits(params)  # first: with a budget, its message names the memory mode that would fit

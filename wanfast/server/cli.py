@@ -152,6 +152,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from wanfast.server.safety import default_allowed_hosts
     from wanfast.server.scale import Reaper, fresh_workers, pool_slots, require_postgres, store_options
     from wanfast.server.schemas import Limits
+    from wanfast.server.storedb import is_postgres
 
     if args.queue_size < 1 or args.max_prompt_chars < 1 or (args.max_body_bytes or 1024) < 1024:
         raise ConfigError("--queue-size and --max-prompt-chars must be >= 1, --max-body-bytes >= 1024")
@@ -159,8 +160,9 @@ def serve_main(args: argparse.Namespace) -> int:
     plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
     options = store_options(args)
-    if args.store is not None:
-        require_postgres(args, "--store")  # a SQLite file is --data-dir's jobs.db
+    if args.store is not None and not is_postgres(args.store):
+        raise ConfigError(f"--store takes a postgresql:// URL, not {args.store!r}: the SQLite store is "
+                          "DATA_DIR/jobs.db (--data-dir)")  # fmt: skip
     if args.api_only:
         require_postgres(args, "--api-only")
     slots = [] if args.api_only else pool_slots(args, _pool_plan(args, model.spec.dit.num_heads))

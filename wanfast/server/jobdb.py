@@ -9,8 +9,8 @@ to be idempotent (``IF NOT EXISTS``, a column added only when missing), so such 
 every step.
 
 Versions: 1, the jobs and their workers; 2, a running job's ``stage`` and the ``worker`` that ran it;
-3, the lease of a claimed job (``lease_expires``) and the videos stored in the database (PostgreSQL stores,
-``wanfast.server.videos``).
+3, the lease of a claimed job (``lease_expires``), and the videos and input images stored in the database
+(PostgreSQL stores, ``wanfast.server.videos``).
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ _V3 = [
     n {int} NOT NULL,                       -- 0, 1, ...: the video is their data in this order
     data {blob} NOT NULL,
     PRIMARY KEY (job_id, n)
+)""",
+    """CREATE TABLE IF NOT EXISTS inputs (
+    digest TEXT PRIMARY KEY,                -- sha256 of the image file a job's request names
+    data {blob} NOT NULL
 )""",
 ]
 STEPS: list[list] = [_V1, [("column", name, kind) for name, kind in _V2_COLUMNS.items()], _V3]

@@ -91,11 +91,11 @@ def open_store(path: str | Path, results_dir: Path, timeout: float = LOCK_TIMEOU
         return JobStore(path, timeout=timeout, **options)
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
-    videos = [p for p in results_dir.glob("*.mp4") if not p.name.endswith(".tmp.mp4")]
-    if new and videos:
+    found = [p for p in results_dir.glob("*.mp4") if not p.name.endswith(".tmp.mp4")]
+    if new and found:
         what = "is empty" if path.exists() else "is missing"
         raise ConfigError(
-            f"{path} {what} but {results_dir} holds {len(videos)} video(s) of earlier jobs: the job "
+            f"{path} {what} but {results_dir} holds {len(found)} video(s) of earlier jobs: the job "
             f"database was lost. Restore it from a backup, or move {results_dir} aside to start with an "
             "empty job list"
         )
@@ -432,12 +432,3 @@ class JobStore:
         finally:
             if result is not None:
                 result[0].unlink(missing_ok=True)
-
-    # -- videos (PostgreSQL) ------------------------------------------------------------------------------
-    def video_size(self, job_id: str) -> int | None:
-        """The stored video's size in bytes (None: none stored)."""
-        return videos.size(self._con(), job_id)
-
-    def video_chunks(self, job_id: str) -> Iterator[bytes]:
-        """The stored video, one chunk (``videos.CHUNK_BYTES``) per query: never all of it in memory."""
-        return videos.chunks(self.db, job_id)

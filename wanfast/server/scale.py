@@ -157,8 +157,8 @@ def worker_main(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.resolve()
     results = data_dir / "results"
     results.mkdir(parents=True, exist_ok=True)
-    lock = _lock(data_dir)
-    store = open_store(url, results, args.db_timeout, **options)
+    store = open_store(url, results, args.db_timeout, **options)  # a server it cannot reach: a clear error
+    lock = _lock(data_dir)  # one pool per data folder: the slots' scratch folders are named alike
     pool = WorkerPool(store, worker_config(args, data_dir), results, slots, hang_seconds=args.worker_timeout)
     reaper = Reaper(store, results)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -21,6 +21,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from wanfast.server import videos
 from wanfast.server.jobs import STORE_ERRORS, Job, JobStore, NotOwner
 
 log = logging.getLogger("wanfast.server.worker")
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if job is None:
             time.sleep(POLL_SECONDS)
             continue
+        job = videos.local_inputs(store, job, data_dir / "inputs")  # PostgreSQL: its image, to this host
         if broadcast is not None:
             broadcast(job)
         set_state("busy")
