@@ -244,12 +244,20 @@ class JobStore:
         return self.get(job_id)
 
     def recover(
-        self, results_dir: Path | None, reason: str, count_attempt: bool = True, owner: str | None = None
+        self,
+        results_dir: Path | None,
+        reason: str,
+        count_attempt: bool = True,
+        owner: str | None = None,
+        expired: bool = False,
     ) -> dict[str, str]:
         """Apply the restart rule (module docstring) to the running jobs whose worker is gone (their owner
-        token is not registered), or only to those of ``owner``. Returns {job id: new state}."""
+        token is not registered, or their lease has expired), or only to those of ``owner``; ``expired``:
+        only to those whose lease has expired (the reaper: a fenced worker's job is its pool's to recover,
+        with the pool's reason). Returns {job id: new state}."""
         now, changed = time.time(), {}
-        where = f"state = 'running' AND {_GONE}" + (" AND owner = :owner" if owner else "")
+        gone = "lease_expires < :now" if expired else _GONE
+        where = f"state = 'running' AND {gone}" + (" AND owner = :owner" if owner else "")
         lock = " FOR UPDATE" if self.db.postgres else ""  # a second reaper waits, then skips these rows
         with self._tx() as con:
             rows = con.execute(f"SELECT * FROM jobs WHERE {where}{lock}", {"now": now, "owner": owner})

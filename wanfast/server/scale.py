@@ -96,7 +96,7 @@ class Reaper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                changed = self.store.recover(self.results_dir, self.reason)
+                changed = self.store.recover(self.results_dir, self.reason, expired=True)
             except STORE_ERRORS as e:  # the database away: try again at the next tick
                 log.warning("reaper: the job store failed (%s)", e)
                 continue
