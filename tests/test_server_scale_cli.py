@@ -21,10 +21,8 @@ def test_roles_need_a_postgresql_store(capsys, tmp_path):
     assert code == 2 and "--api-only needs a shared job store: --store postgresql://" in out
     code, out = run(capsys, "worker", "--model", "tiny", "--data-dir", str(tmp_path))
     assert code == 2 and "wanfast worker needs a shared job store: --store postgresql://" in out
-    code, out = run(
-        capsys, "serve", "--model", "tiny", "--store", str(tmp_path / "x.db"), "--data-dir", str(tmp_path)
-    )
-    assert code == 2 and "--store needs a shared job store: --store postgresql://" in out
+    code, out = run(capsys, "serve", "--model", "tiny", "--store", "x.db", "--data-dir", str(tmp_path))
+    assert code == 2 and "--store takes a postgresql:// URL, not 'x.db': the SQLite store is DATA_DIR" in out
 
 
 def test_a_missing_extra_and_an_unreachable_server_are_one_line(capsys, tmp_path, monkeypatch):
