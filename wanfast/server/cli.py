@@ -157,7 +157,8 @@ def serve_main(args: argparse.Namespace) -> int:
     if args.queue_size < 1 or args.max_prompt_chars < 1 or (args.max_body_bytes or 1024) < 1024:
         raise ConfigError("--queue-size and --max-prompt-chars must be >= 1, --max-body-bytes >= 1024")
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
-    plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
+    if not args.api_only:  # (an API-only host need not have the workers' devices)
+        plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
     options = store_options(args)
     if args.store is not None and not is_postgres(args.store):
