@@ -110,3 +110,34 @@ def test_two_apis_two_pools_one_pool_killed_mid_job(fleet):
         assert {w["name"]: w["up"] for w in health.json()["workers"]} == {"host0-w0": False, "host1-w0": True}
     for c in clients:
         c.close()
+
+
+def test_serve_with_both_roles_joins_the_same_store(fleet, tmp_path):
+    """``wanfast serve --store URL`` (web process and its own pool) on the store of the fleet: its /health
+    shows its own worker (by its process) beside the others (by their heartbeats), and its jobs are run
+    by whichever worker is free; its videos are served by the API-only processes too."""
+    url, apis, _ = fleet
+    both = ServerProcess(tmp_path / "both", "--store", url, "--pool-name", "both", "--max-steps", "1000",
+                         wait_workers=False).start(timeout=180)  # fmt: skip
+    try:
+        with both.client() as c, apis[0].client() as other:
+
+            def workers_up():
+                health = c.get("/health").json()
+                return {w["name"]: w["up"] for w in health["workers"]}
+
+            wait_for(lambda: workers_up().get("both-w0"), 120, "its own worker")
+            assert workers_up() == {"both-w0": True, "host1-w0": True, "host0-w0": False}
+            ids = [
+                c.post("/v1/videos", json={"prompt": f"b{i}", "steps": 2, **LONG}).json()["id"]
+                for i in range(4)
+            ]
+            done = [wait_job(c, i, lambda j: j["state"] == "succeeded", 60) for i in ids]
+            assert {j["worker"] for j in done} <= {"both-w0", "host1-w0"}
+            for job_id in ids:
+                assert (
+                    c.get(f"/v1/videos/{job_id}/content").content
+                    == other.get(f"/v1/videos/{job_id}/content").content
+                )
+    finally:
+        both.stop()

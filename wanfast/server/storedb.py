@@ -173,7 +173,8 @@ class Database:
                 application_name="wanfast",
             )  # fmt: skip
         except psycopg.Error as e:
-            raise psycopg.OperationalError(f"cannot connect to the job store {self}: {e}") from None
+            why = " ".join(str(e).split())  # libpq's message spans lines
+            raise psycopg.OperationalError(f"cannot connect to the job store {self}: {why}") from None
 
     @contextmanager
     def begin(self, exclusive: bool = False) -> Iterator[Connection]:
