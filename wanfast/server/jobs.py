@@ -24,16 +24,10 @@ process starts and removed before the restart rule runs for it. A claim needs a 
 every update of a running job needs the job's own token, so a worker that was replaced (or orphaned by a
 killed server) can neither take jobs nor touch re-queued ones.
 
-Leases: a claimed job is its worker's until ``lease_expires`` (``lease_seconds`` after the last renewal);
-the worker renews it with every heartbeat and every step. A job whose lease has expired counts as a job of
-a worker that is gone, whatever its token: this is how the restart rule reaches the job of a worker whose
-whole host vanished, with nobody left to fence it off (``wanfast.server.scale.Reaper`` applies the rule
-every second on PostgreSQL stores). A worker that only lost the database for longer than its lease finds
-its job taken when it comes back: every update checks its token, so it cannot finish it a second time.
-
-Videos: on SQLite, files in the results folder (above). On PostgreSQL, rows of the database
-(``wanfast.server.videos``), written inside the transaction that marks the job succeeded, so any web
-process serves them, with no shared file system.
+Leases: a claimed job is its worker's until ``lease_expires``, which every heartbeat and step renews. A
+job whose lease has expired counts as one of a gone worker, whatever its token: so the rule reaches the
+job of a host that vanished with nobody left to fence it (``server.scale.Reaper``). On PostgreSQL videos
+are rows of the database, written in the transaction that marks the job succeeded (``server.videos``).
 """
 
 from __future__ import annotations
