@@ -14,7 +14,7 @@ from wanfast.server.testing import ServerProcess, WorkerProcess, wait_for, wait_
 
 LONG = {"size": "32x32", "frames": 1}  # tens of ms a step on a CPU: `steps` sets a job's length
 LEASE = 3.0  # seconds: how long the job of the killed pool stays running before the rule re-queues it
-N, LONG_STEPS, SHORT_STEPS = 50, 120, 2
+N, LONG_STEPS, SHORT_STEPS = 50, 200, 2  # a long job: seconds, time to kill its host mid-way
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +51,26 @@ def test_two_apis_two_pools_one_pool_killed_mid_job(fleet):
     url, apis, hosts = fleet
     clients = [api.client() for api in apis]
     ids = []
-    for i in range(N):  # the first two are long: one runs on each pool when host0 is killed
-        body = {"prompt": f"job {i}", "seed": i, "steps": LONG_STEPS if i < 2 else SHORT_STEPS, **LONG}
-        r = clients[i % 2].post("/v1/videos", json=body)
-        assert r.status_code == 202, r.text
-        ids.append(r.json()["id"])
+
+    def submit(numbers: range) -> None:  # through both APIs in turn
+        for i in numbers:
+            body = {"prompt": f"job {i}", "seed": i, "steps": LONG_STEPS if i < 2 else SHORT_STEPS, **LONG}
+            r = clients[i % 2].post("/v1/videos", json=body)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
 
     def on_host0():
         listed = clients[0].get("/v1/videos", params={"state": "running"}).json()["data"]
         return next((j for j in listed if (j["worker"] or "").startswith("host0-")), None)
 
+    # the first two jobs are long, so each pool is in the middle of one when host0 is killed (the 50
+    # submissions take longer than a long job on a fast machine: the rest come after the kill)
+    submit(range(10))
     victim = wait_for(on_host0, 60, "a job running on host0")
     victim = wait_job(clients[0], victim["id"], lambda j: j["progress"]["step"] >= 2, 30)
-    assert victim["state"] == "running" and victim["progress"]["step"] < victim["progress"]["steps"]
+    assert victim["state"] == "running" and victim["progress"]["steps"] == LONG_STEPS
     hosts[0].kill()  # no handler runs, nobody fences its token: only the lease frees the job
+    submit(range(10, N))
 
     def all_ended():
         listed = clients[1].get("/v1/videos", params={"limit": 1000}).json()
