@@ -99,7 +99,8 @@ def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
     if getattr(args, "store", None) is not None:  # a PostgreSQL store (default: DATA_DIR/jobs.db)
         from wanfast.server.scale import store_options
 
-        config.update(store=args.store, store_options=store_options(args))
+        # the URL itself by environment (scale.resolve_store): a password in a command line shows in ps
+        config.update(store="env", store_options=store_options(args))
     return config
 
 
@@ -150,7 +151,14 @@ def serve_main(args: argparse.Namespace) -> int:
     from wanfast.server.jobs import open_store
     from wanfast.server.pool import WorkerPool
     from wanfast.server.safety import default_allowed_hosts
-    from wanfast.server.scale import Reaper, fresh_workers, pool_slots, require_postgres, store_options
+    from wanfast.server.scale import (
+        Reaper,
+        fresh_workers,
+        pool_slots,
+        require_postgres,
+        resolve_store,
+        store_options,
+    )
     from wanfast.server.schemas import Limits
     from wanfast.server.storedb import is_postgres
 
@@ -160,6 +168,7 @@ def serve_main(args: argparse.Namespace) -> int:
     if not args.api_only:  # (an API-only host need not have the workers' devices)
         plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
+    resolve_store(args)
     options = store_options(args)
     if args.store is not None and not is_postgres(args.store):
         raise ConfigError(f"--store takes a postgresql:// URL, not {args.store!r}: the SQLite store is "

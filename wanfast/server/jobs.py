@@ -248,7 +248,8 @@ class JobStore:
         """Apply the restart rule (module docstring) to the running jobs whose worker is gone (their owner
         token is not registered, or their lease has expired), or only to those of ``owner``; ``expired``:
         only to those whose lease has expired (the reaper: a fenced worker's job is its pool's to recover,
-        with the pool's reason). Returns {job id: new state}."""
+        with the pool's reason). ``{worker}`` in ``reason`` becomes each job's worker name. Returns {job id:
+        new state}."""
         now, changed = time.time(), {}
         gone = "lease_expires < :now" if expired else _GONE
         where = f"state = 'running' AND {gone}" + (" AND owner = :owner" if owner else "")
@@ -259,13 +260,14 @@ class JobStore:
                 job = Job.from_row(row)
                 attempts = job.attempts if count_attempt else job.attempts - 1
                 at = f"at step {job.step} of {job.steps or '?'}"
+                why = reason.replace("{worker}", job.worker or "?")  # the reaper names each job's worker
                 if job.cancel_requested:
-                    state, error, note = "cancelled", f"cancelled by request; {reason} {at}", None
+                    state, error, note = "cancelled", f"cancelled by request; {why} {at}", None
                 elif attempts >= self.max_attempts:
                     state, note = "failed", None
-                    error = f"interrupted {attempts} times ({reason} {at}); not retried"
+                    error = f"interrupted {attempts} times ({why} {at}); not retried"
                 else:
-                    state, error, note = "queued", None, f"re-queued: {reason} {at}"
+                    state, error, note = "queued", None, f"re-queued: {why} {at}"
                 con.execute(
                     "UPDATE jobs SET state = :state, error = :error, note = COALESCE(:note, note), owner = NULL,"
                     " attempts = :attempts, stage = NULL, eta_seconds = NULL, lease_expires = NULL,"

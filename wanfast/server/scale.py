@@ -30,20 +30,29 @@ from wanfast.server.storedb import STORE_ERRORS, is_postgres, redact_url
 
 log = logging.getLogger("wanfast.server.scale")
 REAP_SECONDS = 1.0
+STORE_ENV = "WANFAST_STORE"
 HEARTBEAT_FRESH_SECONDS = 10.0  # a worker row beating more recently than this counts as alive (app.py too)
 
 
 def add_store_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job store")
     g.add_argument("--store", default=None, metavar="URL",
-                   help="postgresql://user@host:port/db: a PostgreSQL job store shared by any number of "
-                   "servers and workers on any hosts (default: the SQLite file DATA_DIR/jobs.db, one host)")  # fmt: skip
+                   help="postgresql://user@host:port/db: a PostgreSQL job store shared by any number of servers "
+                   "and workers on any hosts (default: $WANFAST_STORE, else the SQLite file DATA_DIR/jobs.db)")  # fmt: skip
     g.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
                    help="PostgreSQL: a job whose worker gave no heartbeat for S seconds is re-queued (default 30)")  # fmt: skip
     g.add_argument("--max-video-mb", type=float, default=256.0, metavar="MB",
                    help="PostgreSQL: largest video kept in the database; a larger one fails its job (default 256)")  # fmt: skip
     g.add_argument("--pool-name", default=None, metavar="NAME",
                    help="PostgreSQL: this pool's workers are NAME-w0, NAME-w1, ... (default: host name and pid)")  # fmt: skip
+
+
+def resolve_store(args: argparse.Namespace) -> None:
+    """``--store``, else ``$WANFAST_STORE`` (prefer the variable for a URL with a password: ``ps`` shows
+    flags). A PostgreSQL URL is handed to the worker processes the same way, by their environment."""
+    args.store = args.store or os.environ.get(STORE_ENV) or None
+    if args.store is not None and is_postgres(args.store):
+        os.environ[STORE_ENV] = args.store  # inherited by the pool's processes (server.worker.main)
 
 
 def store_options(args: argparse.Namespace) -> dict:
@@ -87,7 +96,7 @@ class Reaper:
         self.store, self.results_dir, self.interval = store, results_dir, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
-        self.reason = f"its worker was lost (no heartbeat for {store.lease_seconds:g} s)"
+        self.reason = "the lease of worker {worker} expired (no heartbeat)"
 
     def start(self) -> Reaper:
         self._thread.start()
@@ -146,6 +155,7 @@ def worker_main(args: argparse.Namespace) -> int:
     from wanfast.server.jobs import open_store
     from wanfast.server.pool import WorkerPool
 
+    resolve_store(args)
     url = require_postgres(args, "wanfast worker")
     options = store_options(args)
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a restart loop

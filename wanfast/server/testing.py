@@ -176,8 +176,9 @@ class WorkerProcess:
     """``python -m wanfast worker --model tiny`` (a worker pool with no HTTP, on a PostgreSQL store), with
     its output in ``<data_dir>/worker.log``."""
 
-    def __init__(self, data_dir: str | Path, *extra_args: str) -> None:
-        self.data_dir, self.extra_args = Path(data_dir), extra_args
+    def __init__(self, data_dir: str | Path, *extra_args: str, env: dict | None = None) -> None:
+        """``env``: variables added to its environment (e.g. ``WANFAST_STORE``)."""
+        self.data_dir, self.extra_args, self.env = Path(data_dir), extra_args, env or {}
         self.log_path = self.data_dir / "worker.log"
         self.proc: subprocess.Popen | None = None
 
@@ -186,7 +187,9 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "wanfast", "worker", "--model", "tiny", "--data-dir", str(self.data_dir),
                *self.extra_args]  # fmt: skip
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
         return self
 
     def log(self) -> str:

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     owner, rank, world = slot["owner"], slot["rank"], slot["world"]
     data_dir = Path(cfg["data_dir"])
     results_dir = data_dir / "results"
-    target = cfg.get("store") or data_dir / "jobs.db"  # a PostgreSQL URL, or the server's SQLite file
+    # a PostgreSQL store's URL comes by environment (server.scale.resolve_store); else the server's SQLite file
+    target = os.environ["WANFAST_STORE"] if cfg.get("store") == "env" else data_dir / "jobs.db"
     store = JobStore(target, **cfg.get("store_options", {})) if rank == 0 else None
     state, info, device = {"name": "loading"}, {"pid": os.getpid()}, [None]
 
