@@ -27,3 +27,28 @@ def no_loading(monkeypatch):
         raise AssertionError("models were loaded for an invalid request")
 
     monkeypatch.setattr(wanfast.builder, "build", boom)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (``pgcluster.PostgresCluster``) for the session. Without Debian's
+    server binaries the PostgreSQL tests skip, loudly; on CI (``CI`` set, where .ci/run installs them) they
+    fail instead."""
+    import os
+    import warnings
+
+    from pgcluster import PostgresCluster, server_bin
+
+    pytest.importorskip("psycopg", reason="the postgres extra: pip install 'wanfast[postgres]'")
+    bindir = server_bin()
+    if bindir is None:
+        message = (
+            "PostgreSQL server binaries not found (/usr/lib/postgresql/N/bin): apt-get install postgresql"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        warnings.warn(f"SKIPPING the PostgreSQL job-store tests: {message}", stacklevel=1)
+        pytest.skip(message)
+    cluster = PostgresCluster(bindir).start()
+    yield cluster
+    cluster.stop()

@@ -14,11 +14,12 @@ from fastapi.testclient import TestClient
 
 from wanfast.config import ConfigError
 from wanfast.server.app import ServerSettings, create_app
-from wanfast.server.jobdb import _SCHEMA
+from wanfast.server.jobdb import SCHEMA_VERSION, migrate, schema_version
 from wanfast.server.jobs import JobStore, open_store
 from wanfast.server.pool import Slot, parse_gpus, plan_slots, slot_split
 from wanfast.server.safety import default_allowed_hosts, host_allowed, redact_paths, utf8_safe
 from wanfast.server.schemas import Limits, VideoJob
+from wanfast.server.storedb import Database
 from wanfast.specs import SPECS, resolve_params
 
 TINY = SPECS["tiny"].defaults
@@ -125,12 +126,12 @@ def test_corrupt_damaged_and_lost_databases_are_clear_errors(tmp_path):
 
 
 def test_a_database_of_the_previous_version_is_migrated(tmp_path):
-    old = _SCHEMA.replace(",\n    stage TEXT,\n    worker TEXT", "").replace(
-        "DROP TABLE IF EXISTS worker;", ""
-    )
-    assert "stage TEXT" not in old
+    # a database of version 1, as written before the version table existed: no schema_version, the
+    # one-worker table of that time beside it
+    migrate(Database(tmp_path / "jobs.db", 5.0), upto=1)
     con = sqlite3.connect(tmp_path / "jobs.db")
-    con.executescript(old + "CREATE TABLE worker (id INTEGER PRIMARY KEY);")
+    con.executescript("DROP TABLE schema_version; CREATE TABLE worker (id INTEGER PRIMARY KEY);")
+    assert "stage" not in {r[1] for r in con.execute("PRAGMA table_info(jobs)")}
     con.execute(
         "INSERT INTO jobs (id, state, request, created_at, updated_at) VALUES ('j', 'queued', '{}', 0, 0)"
     )
@@ -141,6 +142,7 @@ def test_a_database_of_the_previous_version_is_migrated(tmp_path):
     assert job.stage is None and job.worker is None and job.state == "queued"
     tables = {r[0] for r in store._con().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "worker" not in tables and "workers" in tables
+    assert schema_version(store.db) == SCHEMA_VERSION and job.lease_expires is None
 
 
 def test_the_video_is_fsynced_before_the_job_is_marked_succeeded(tmp_path, monkeypatch):

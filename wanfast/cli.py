@@ -97,6 +97,7 @@ _TOOLS = {
     "quantize": ("wanfast.tools.quantize", "write an FP8 (e4m3) copy of a checkpoint's DiT experts (lossy)"),
     "compare": ("wanfast.tools.compare", "PSNR / SSIM of video A against reference B (or two latent files)"),
     "serve": ("wanfast.server.cli", "run the HTTP service (see docs/server.md)"),
+    "worker": ("wanfast.server.scale", "run a worker pool on a shared PostgreSQL job store, no HTTP"),
 }
 
 
@@ -322,7 +323,7 @@ def spec_params(spec, prompt: str, image, overrides: dict) -> SamplingParams:
 
 # Optional packages by the extra that installs them: a missing one is a one-line hint, not a traceback.
 _EXTRAS = {"uvicorn": "serve", "fastapi": "serve", "pydantic": "serve", "matplotlib": "bench", "diffusers": "bench",
-           "flash_attn_interface": "hopper", "fa3_fwd": "hopper"}  # fmt: skip
+           "flash_attn_interface": "hopper", "fa3_fwd": "hopper", "psycopg": "postgres"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import json
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from wanfast.config import SamplingParams
-from wanfast.server.jobs import STATES, TERMINAL, IdempotencyConflict, JobStore, QueueFull
+from wanfast.server import videos
+from wanfast.server.jobs import STATES, STORE_ERRORS, TERMINAL, IdempotencyConflict, JobStore, QueueFull
 from wanfast.server.page import PAGE, docs_page
 from wanfast.server.safety import host_allowed, redact_paths, security_headers
 from wanfast.server.schemas import (
@@ -189,10 +189,13 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_message(exc), "errors": _validation_errors(exc)}, 422)
 
-    @app.exception_handler(sqlite3.Error)
-    async def store_busy(request: Request, exc: sqlite3.Error) -> JSONResponse:
-        # e.g. the database locked by another process for longer than --db-timeout, or a full disk
+    async def store_busy(request: Request, exc: Exception) -> JSONResponse:
+        # e.g. the database locked by another process for longer than --db-timeout, a full disk, or a
+        # PostgreSQL server that cannot be reached
         return _json_error(503, f"the job store is unavailable ({exc}); retry later", {"Retry-After": "2"})
+
+    for error in STORE_ERRORS:  # sqlite3.Error, and psycopg.Error where installed
+        app.add_exception_handler(error, store_busy)
 
     def job_or_404(job_id: str):
         try:
@@ -231,6 +234,8 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_bytes(image)
                 tmp.replace(path)
+            # PostgreSQL: kept in the store too, for workers on other hosts (videos.local_inputs)
+            videos.put_input(store, path, image)
             request["image"] = str(path)
         try:
             settings.fits(params)  # first: with a budget, its message names the memory mode that would fit
@@ -284,12 +289,7 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         job = job_or_404(job_id)
         if job.state != "succeeded":
             raise HTTPException(409, f"job {job.id} is {job.state}; only a succeeded job has a video")
-        path = settings.results_dir / f"{job.id}.mp4"
-        if not path.is_file():
-            raise HTTPException(410, f"the video of job {job.id} has been removed from the server")
-        return FileResponse(
-            path, media_type="video/mp4", filename=path.name, content_disposition_type="inline"
-        )
+        return videos.response(store, job.id, settings.results_dir)  # a file, or rows of a PostgreSQL store
 
     @app.get("/v1/videos/{job_id}/events", tags=["videos"], response_class=StreamingResponse)
     async def events(job_id: str) -> StreamingResponse:

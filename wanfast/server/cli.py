@@ -1,4 +1,6 @@
-"""``wanfast serve``: the HTTP service (web process + a pool of worker processes, ``server.pool``)."""
+"""``wanfast serve``: the HTTP service (web process + a pool of worker processes, ``server.pool``); with
+``--api-only``, the web process alone, on a PostgreSQL store shared with ``wanfast worker`` pools
+(``server.scale``)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_flags(p)  # the same engine flags as generate
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_pool_and_door_flags(p)
+    from wanfast.server.scale import add_store_flags
+
+    add_store_flags(p)
+    p.add_argument("--api-only", action="store_true",
+                   help="the HTTP service without workers (needs a PostgreSQL --store shared with `wanfast worker`)")  # fmt: skip
 
 
 def add_pool_and_door_flags(p: argparse.ArgumentParser) -> None:
@@ -101,6 +108,11 @@ def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
     if getattr(args, "lora_dir", None) is not None:
         cfg["lora_dir"] = str(Path(args.lora_dir).resolve())
         cfg["lora_max_overtaken"] = args.lora_max_overtaken
+    if getattr(args, "store", None) is not None:  # a PostgreSQL store (default: DATA_DIR/jobs.db)
+        from wanfast.server.scale import store_options
+
+        # the URL itself by environment (scale.resolve_store): a password in a command line shows in ps
+        cfg.update(store="env", store_options=store_options(args))
     return cfg
 
 
@@ -174,17 +186,34 @@ def serve_main(args: argparse.Namespace) -> int:
     from wanfast.server.jobs import open_store
     from wanfast.server.pool import WorkerPool
     from wanfast.server.safety import default_allowed_hosts
+    from wanfast.server.scale import (
+        Reaper,
+        fresh_workers,
+        pool_slots,
+        require_postgres,
+        resolve_store,
+        store_options,
+    )
     from wanfast.server.schemas import Limits
+    from wanfast.server.storedb import is_postgres
 
     if args.queue_size < 1 or args.max_prompt_chars < 1 or (args.max_body_bytes or 1024) < 1024:
         raise ConfigError("--queue-size and --max-prompt-chars must be >= 1, --max-body-bytes >= 1024")
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
-    plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
+    if not args.api_only:  # (an API-only host need not have the workers' devices)
+        plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
     library = open_lora_library(args, model)  # a broken LoRA file fails here, not in a job
     if library is not None:
         log.info("LoRA library %s: %s", args.lora_dir, ", ".join(library.entries))
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
-    slots = _pool_plan(args, model.spec.dit.num_heads)
+    resolve_store(args)
+    options = store_options(args)
+    if args.store is not None and not is_postgres(args.store):
+        raise ConfigError(f"--store takes a postgresql:// URL, not {args.store!r}: the SQLite store is "
+                          "DATA_DIR/jobs.db (--data-dir)")  # fmt: skip
+    if args.api_only:
+        require_postgres(args, "--api-only")
+    slots = [] if args.api_only else pool_slots(args, _pool_plan(args, model.spec.dit.num_heads))
     default = Limits.default(model.spec.defaults)
     limits = Limits(args.max_pixel_frames or default.max_pixel_frames, args.max_steps or default.max_steps)
     if min(limits.max_pixel_frames, limits.max_steps, args.worker_timeout, args.db_timeout) <= 0:
@@ -199,10 +228,13 @@ def serve_main(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.resolve()
     results = data_dir / "results"
     results.mkdir(parents=True, exist_ok=True)
-    lock = _lock(data_dir)
-    store = open_store(data_dir / "jobs.db", results, args.db_timeout)  # a clear error for a bad database
-    store.reset_workers([s.name for s in slots])
-    changed = store.recover(results, "server restarted")  # the restart rule, before any worker runs
+    lock = None if args.api_only else _lock(data_dir)  # API processes share no state but the store
+    # a clear error for a bad database, or a PostgreSQL server that cannot be reached
+    store = open_store(args.store or data_dir / "jobs.db", results, args.db_timeout, **options)
+    changed = {}
+    if slots:  # (an API-only process leaves the jobs of lost workers to its Reaper)
+        store.reset_workers([s.name for s in slots])
+        changed = store.recover(results, "server restarted")  # the restart rule, before any worker runs
     for state in ("queued", "failed", "cancelled"):
         ids = [i for i, s in changed.items() if s == state]
         if ids:
@@ -212,18 +244,26 @@ def serve_main(args: argparse.Namespace) -> int:
     why, fits = check_memory(config, model)
     if why:
         log.info("%s", why)
-    pool = WorkerPool(store, config, results, slots, hang_seconds=args.worker_timeout)
+    pool = WorkerPool(store, config, results, slots, hang_seconds=args.worker_timeout) if slots else None
+    reaper = Reaper(store, results) if store.videos_in_db else None  # PostgreSQL: leases of other hosts too
+
+    def workers_alive() -> dict[str, bool]:  # this pool's by its processes, other pools' by heartbeats
+        return {**(fresh_workers(store) if store.videos_in_db else {}), **(pool.alive() if pool else {})}
+
     settings = ServerSettings(
         results_dir=results, spec=model.spec, queue_size=args.queue_size, api_key=api_key,
         max_prompt_chars=args.max_prompt_chars, max_body_bytes=max_body, limits=limits,
-        allowed_hosts=hosts, workers_alive=pool.alive, worker_gpus={s.name: s.label for s in slots}, fits=fits,
+        allowed_hosts=hosts, workers_alive=workers_alive, worker_gpus={s.name: s.label for s in slots}, fits=fits,
         loras=library, max_loras=args.max_loras,
     )  # fmt: skip
     # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again: let that end in `finally` below,
     # which stops the workers and re-queues their jobs, rather than in the default handler's abrupt exit
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    pool.start()
+    if pool is not None:
+        pool.start()
+    if reaper is not None:
+        reaper.start()
     try:
         # bounded graceful shutdown: an open event stream would otherwise hold the server until its job ends
         uvicorn.run(
@@ -231,6 +271,10 @@ def serve_main(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=5,
         )  # fmt: skip
     finally:
-        pool.stop()
-        lock.close()
+        if reaper is not None:
+            reaper.stop()
+        if pool is not None:
+            pool.stop()
+        if lock is not None:
+            lock.close()
     return 0

@@ -1,4 +1,6 @@
-"""The job store: one SQLite database in WAL mode, shared by the web process and the worker processes.
+"""The job store: one SQLite database in WAL mode, shared by the web process and the worker processes of
+one host; or one PostgreSQL database, shared by any number of web processes and worker pools on any hosts
+(``wanfast.server.storedb`` holds what differs between the two).
 
 States: ``queued -> running -> succeeded | failed | cancelled``, and ``queued -> cancelled``.
 A job is accepted (202) only once its row is committed, with ``synchronous=FULL``. A running job also has
@@ -21,6 +23,11 @@ Fencing: every worker process gets a fresh owner token, registered in its row of
 process starts and removed before the restart rule runs for it. A claim needs a registered token, and
 every update of a running job needs the job's own token, so a worker that was replaced (or orphaned by a
 killed server) can neither take jobs nor touch re-queued ones.
+
+Leases: a claimed job is its worker's until ``lease_expires``, which every heartbeat and step renews. A
+job whose lease has expired counts as one of a gone worker, whatever its token: so the rule reaches the
+job of a host that vanished with nobody left to fence it (``server.scale.Reaper``). On PostgreSQL videos
+are rows of the database, written in the transaction that marks the job succeeded (``server.videos``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,16 +42,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wanfast.config import ConfigError
+from wanfast.server import videos
 from wanfast.server.jobdb import Job, migrate
 from wanfast.server.safety import redact_paths
+from wanfast.server.storedb import STORE_ERRORS, Connection, Database, is_postgres
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 MAX_ATTEMPTS = 3
 MAX_OVERTAKEN = 4  # most newer jobs a queued job lets go first for sharing their LoRA set with a worker
 LOCK_TIMEOUT = 30.0  # seconds a statement waits for another process's write lock before it fails
+LEASE_SECONDS = 30.0  # a claimed job's lease: renewed every second by its worker's heartbeat
+FORGET_SECONDS = 600.0  # a PostgreSQL store forgets a worker row silent this long (its host is gone)
 
-_GONE = "(owner IS NULL OR owner NOT IN (SELECT owner FROM workers WHERE owner IS NOT NULL))"
+# a running job's worker is gone: fenced off (token not registered), or silent past the job's lease
+_GONE = (
+    "(owner IS NULL OR owner NOT IN (SELECT owner FROM workers WHERE owner IS NOT NULL)"
+    " OR lease_expires < :now)"
+)
+__all__ = ["STORE_ERRORS", "Job", "JobStore", "open_store"]
 
 
 class QueueFull(Exception):
@@ -60,16 +75,22 @@ class IdempotencyConflict(Exception):
     """An ``Idempotency-Key`` that was used before, for a different request."""
 
 
-def open_store(path: Path, results_dir: Path, timeout: float = LOCK_TIMEOUT) -> JobStore:
+def open_store(path: str | Path, results_dir: Path, timeout: float = LOCK_TIMEOUT, **options) -> JobStore:
     """The server's store, checked at start: a database that cannot be read, or one that is new or empty
     while ``results_dir`` holds videos of earlier jobs (the jobs were lost), is a ``ConfigError`` that
-    names the file and the way out, never a traceback or a silent fresh start."""
+    names the file and the way out, never a traceback or a silent fresh start. ``path``: a SQLite file, or
+    a ``postgresql://`` URL (a server that cannot be reached is a ``ConfigError`` too). ``options``: of
+    ``JobStore``."""
+    if is_postgres(path):
+        Database(path, timeout).check()
+        return JobStore(path, timeout=timeout, **options)
+    path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
-    videos = [p for p in results_dir.glob("*.mp4") if not p.name.endswith(".tmp.mp4")]
-    if new and videos:
+    found = [p for p in results_dir.glob("*.mp4") if not p.name.endswith(".tmp.mp4")]
+    if new and found:
         what = "is empty" if path.exists() else "is missing"
         raise ConfigError(
-            f"{path} {what} but {results_dir} holds {len(videos)} video(s) of earlier jobs: the job "
+            f"{path} {what} but {results_dir} holds {len(found)} video(s) of earlier jobs: the job "
             f"database was lost. Restore it from a backup, or move {results_dir} aside to start with an "
             "empty job list"
         )
@@ -78,7 +99,7 @@ def open_store(path: Path, results_dir: Path, timeout: float = LOCK_TIMEOUT) -> 
         "it) to start with an empty job list"
     )
     try:
-        store = JobStore(path, timeout=timeout)
+        store = JobStore(path, timeout=timeout, **options)
         problems = [r[0] for r in store._con().execute("PRAGMA quick_check").fetchall()]
     except sqlite3.DatabaseError as e:
         raise ConfigError(f"{path} is not a readable job database ({e}): {way_out}") from None
@@ -96,38 +117,38 @@ def _fsync(path: Path) -> None:
 
 
 class JobStore:
-    """All reads and writes of jobs; safe across threads and processes (SQLite does the locking).
-    ``timeout``: seconds a statement waits for another process's write lock before it raises."""
+    """All reads and writes of jobs; safe across threads and processes (the database does the locking).
+    ``path``: a SQLite file or a ``postgresql://user@host:port/db`` URL. ``timeout``: seconds a statement
+    waits for another process's lock before it raises. ``lease_seconds``: of a claimed job (module
+    docstring). ``max_video_bytes``: the largest video a PostgreSQL store keeps (``wanfast.server.videos``);
+    a larger one fails its job."""
 
     def __init__(
-        self, path: str | Path, max_attempts: int = MAX_ATTEMPTS, timeout: float = LOCK_TIMEOUT
+        self,
+        path: str | Path,
+        max_attempts: int = MAX_ATTEMPTS,
+        timeout: float = LOCK_TIMEOUT,
+        lease_seconds: float = LEASE_SECONDS,
+        max_video_bytes: int = videos.MAX_VIDEO_BYTES,
     ) -> None:
-        self.path, self.max_attempts, self.timeout = Path(path), max_attempts, timeout
-        self._local = threading.local()
-        migrate(self._con())
+        self.db = Database(path, timeout)
+        self.path, self.max_attempts, self.timeout = self.db.target, max_attempts, timeout
+        self.lease_seconds, self.max_video_bytes = lease_seconds, max_video_bytes
+        migrate(self.db)
+
+    @property
+    def videos_in_db(self) -> bool:
+        """Videos are rows of the database (PostgreSQL), not files of the results folder (SQLite)."""
+        return self.db.postgres
 
     # -- plumbing ---------------------------------------------------------------------------------------
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            # autocommit mode: every statement is its own transaction unless _tx opens one
-            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut, not just a kill
-            self._local.con = con
-        return con
+    def _con(self) -> Connection:
+        return self.db.con()  # autocommit: every statement is its own transaction unless _tx opens one
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE")  # take the write lock now: read-then-write without races
-        try:
+    def _tx(self, exclusive: bool = False) -> Iterator[Connection]:
+        with self.db.begin(exclusive) as con:
             yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
 
     def _one(self, sql: str, args: tuple = ()) -> Job | None:
         row = self._con().execute(sql, args).fetchone()
@@ -141,7 +162,7 @@ class JobStore:
         first job again; with another request it raises ``IdempotencyConflict``. Raises QueueFull when
         ``max_queued`` jobs are waiting already. ``steps``: the expected total."""
         now, body = time.time(), json.dumps(request)
-        with self._tx() as con:
+        with self._tx(exclusive=True) as con:  # the count and the insert as one: the queue bound holds
             if idempotency_key is not None:
                 row = con.execute(
                     "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
@@ -218,30 +239,43 @@ class JobStore:
         return self.get(job_id)
 
     def recover(
-        self, results_dir: Path | None, reason: str, count_attempt: bool = True, owner: str | None = None
+        self,
+        results_dir: Path | None,
+        reason: str,
+        count_attempt: bool = True,
+        owner: str | None = None,
+        expired: bool = False,
     ) -> dict[str, str]:
         """Apply the restart rule (module docstring) to the running jobs whose worker is gone (their owner
-        token is not registered), or only to those of ``owner``. Returns {job id: new state}."""
+        token is not registered, or their lease has expired), or only to those of ``owner``; ``expired``:
+        only to those whose lease has expired (the reaper: a fenced worker's job is its pool's to recover,
+        with the pool's reason). ``{worker}`` in ``reason`` becomes each job's worker name. Returns {job id:
+        new state}."""
         now, changed = time.time(), {}
-        where = f"state = 'running' AND {_GONE}" + (" AND owner = ?" if owner else "")
+        gone = "lease_expires < :now" if expired else _GONE
+        where = f"state = 'running' AND {gone}" + (" AND owner = :owner" if owner else "")
+        lock = " FOR UPDATE" if self.db.postgres else ""  # a second reaper waits, then skips these rows
         with self._tx() as con:
-            for row in con.execute(f"SELECT * FROM jobs WHERE {where}", (owner,) if owner else ()).fetchall():
+            rows = con.execute(f"SELECT * FROM jobs WHERE {where}{lock}", {"now": now, "owner": owner})
+            for row in rows.fetchall():
                 job = Job.from_row(row)
                 attempts = job.attempts if count_attempt else job.attempts - 1
                 at = f"at step {job.step} of {job.steps or '?'}"
+                why = reason.replace("{worker}", job.worker or "?")  # the reaper names each job's worker
                 if job.cancel_requested:
-                    state, error, note = "cancelled", f"cancelled by request; {reason} {at}", None
+                    state, error, note = "cancelled", f"cancelled by request; {why} {at}", None
                 elif attempts >= self.max_attempts:
                     state, note = "failed", None
-                    error = f"interrupted {attempts} times ({reason} {at}); not retried"
+                    error = f"interrupted {attempts} times ({why} {at}); not retried"
                 else:
-                    state, error, note = "queued", None, f"re-queued: {reason} {at}"
+                    state, error, note = "queued", None, f"re-queued: {why} {at}"
                 con.execute(
-                    "UPDATE jobs SET state = ?, error = ?, note = COALESCE(?, note), attempts = ?, owner = NULL,"
-                    " stage = NULL, step = CASE WHEN ? = 'queued' THEN 0 ELSE step END, eta_seconds = NULL,"
-                    " updated_at = ?, started_at = CASE WHEN ? = 'queued' THEN NULL ELSE started_at END,"
-                    " finished_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END WHERE id = ?",
-                    (state, error, note, attempts, state, now, state, state, now, job.id),
+                    "UPDATE jobs SET state = :state, error = :error, note = COALESCE(:note, note), owner = NULL,"
+                    " attempts = :attempts, stage = NULL, eta_seconds = NULL, lease_expires = NULL,"
+                    " step = CASE WHEN :state = 'queued' THEN 0 ELSE step END, updated_at = :now,"
+                    " started_at = CASE WHEN :state = 'queued' THEN NULL ELSE started_at END,"
+                    " finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END WHERE id = :id",
+                    dict(state=state, error=error, note=note, attempts=attempts, now=now, id=job.id),
                 )
                 changed[job.id] = state
         if results_dir is not None:  # half-written videos of jobs no live worker runs
@@ -253,34 +287,51 @@ class JobStore:
 
     # -- worker registration ------------------------------------------------------------------------------
     def reset_workers(self, names: list[str]) -> None:
-        """The pool's slots, all stopped (at server start, before any worker runs)."""
+        """The pool's slots, all stopped (at server start, before any worker runs). SQLite: the only pool
+        of the store, it replaces every row. PostgreSQL: one pool of many, it replaces its own rows and
+        drops those of workers silent for ``FORGET_SECONDS`` (a host gone for good)."""
         with self._tx() as con:
-            con.execute("DELETE FROM workers")
+            if self.db.postgres:
+                con.executemany("DELETE FROM workers WHERE name = ?", [(n,) for n in names])
+                con.execute("DELETE FROM workers WHERE heartbeat_at < ?", (time.time() - FORGET_SECONDS,))
+            else:
+                con.execute("DELETE FROM workers")
             con.executemany("INSERT INTO workers (name, state) VALUES (?, 'stopped')", [(n,) for n in names])
 
     def register_worker(self, name: str, owner: str | None) -> None:
         """Make ``owner`` the only token of slot ``name`` that may claim jobs (None: fence it off; a failed
         worker keeps its state and detail for /health)."""
-        self._con().execute(
-            "UPDATE workers SET owner = ?1, pid = NULL, heartbeat_at = ?2,"
-            " state = CASE WHEN ?1 IS NOT NULL THEN 'starting' WHEN state = 'failed' THEN 'failed' ELSE 'stopped' END,"
-            " detail = CASE WHEN ?1 IS NULL AND state = 'failed' THEN detail END WHERE name = ?3",
-            (owner, time.time(), name),
-        )
+        if owner is not None:
+            sql = "UPDATE workers SET owner = :owner, pid = NULL, heartbeat_at = :now, state = 'starting', detail = NULL"
+        else:
+            sql = (
+                "UPDATE workers SET owner = NULL, pid = NULL, heartbeat_at = :now,"
+                " state = CASE WHEN state = 'failed' THEN 'failed' ELSE 'stopped' END,"
+                " detail = CASE WHEN state = 'failed' THEN detail END"
+            )
+        self._con().execute(sql + " WHERE name = :name", {"owner": owner, "now": time.time(), "name": name})
 
     def count_worker_restart(self, name: str) -> None:
         self._con().execute("UPDATE workers SET restarts = restarts + 1 WHERE name = ?", (name,))
 
     def heartbeat(self, owner: str, state: str, **info: object) -> bool:
-        """Record a worker's state (and pid, device, memory_*); False once the worker is fenced off."""
+        """Record a worker's state (and pid, device, memory_*) and renew the lease of its job; False once
+        the worker is fenced off."""
         allowed = {"pid", "detail", "device", "memory_allocated", "memory_reserved", "memory_total"}
         info = {k: redact_paths(v) if k == "detail" else v for k, v in info.items() if k in allowed}
         cols = "".join(f", {k} = :{k}" for k in info)
-        cur = self._con().execute(
+        now, con = time.time(), self._con()
+        cur = con.execute(
             f"UPDATE workers SET state = :state, heartbeat_at = :now{cols} WHERE owner = :owner",
-            {**info, "state": state, "now": time.time(), "owner": owner},
+            {**info, "state": state, "now": now, "owner": owner},
         )
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return False
+        con.execute(
+            "UPDATE jobs SET lease_expires = ? WHERE owner = ? AND state = 'running'",
+            (now + self.lease_seconds, owner),  # once the rule has taken the job, its owner is no longer this
+        )
+        return True
 
     def workers(self) -> list[dict]:
         return [dict(r) for r in self._con().execute("SELECT * FROM workers ORDER BY name").fetchall()]
@@ -293,19 +344,24 @@ class JobStore:
         ``max_overtaken`` newer jobs: then the oldest goes (no starvation). Overtakers are counted as the
         newer jobs that have started, so the count survives worker restarts and needs no extra column."""
         now = time.time()
-        sql = (
-            "UPDATE jobs SET state = 'running', owner = ?1, attempts = attempts + 1, started_at = ?2,"
-            " updated_at = ?2, step = 0, stage = 'starting', worker = (SELECT name FROM workers WHERE owner = ?1)"
-            " WHERE id = {pick} AND state = 'queued' AND EXISTS (SELECT 1 FROM workers WHERE owner = ?1) RETURNING *"
+        args = {"owner": owner, "now": now, "lease": now + self.lease_seconds}
+        take = (
+            "UPDATE jobs SET state = 'running', owner = :owner, attempts = attempts + 1, started_at = :now,"
+            " updated_at = :now, step = 0, stage = 'starting', lease_expires = :lease,"
+            " worker = (SELECT name FROM workers WHERE owner = :owner)"
+            " WHERE id = {pick} AND state = 'queued' AND EXISTS (SELECT 1 FROM workers WHERE owner = :owner)"
+            " RETURNING *"
         )
-        oldest = "(SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1)"
         if prefer is None:
-            return self._one(sql.format(pick=oldest), (owner, now))
+            lock = self.db.dialect.skip_locked  # PostgreSQL: skip a job another claim holds
+            oldest = f"(SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1{lock})"
+            return self._one(take.format(pick=oldest), args)
         from wanfast.server.lora_library import set_key
 
-        with self._tx() as con:  # pick and take under one write lock
-            queued = con.execute("SELECT id, seq, request FROM jobs WHERE state = 'queued' ORDER BY seq")
-            rows = queued.fetchall()
+        with self._tx(exclusive=True) as con:  # pick and take under one write lock
+            rows = con.execute(
+                "SELECT id, seq, request FROM jobs WHERE state = 'queued' ORDER BY seq"
+            ).fetchall()
             if not rows:
                 return None
             pick = rows[0]["id"]
@@ -315,16 +371,17 @@ class JobStore:
                     "SELECT COUNT(*) FROM jobs WHERE seq > ? AND started_at IS NOT NULL", (rows[0]["seq"],)
                 ).fetchone()[0]
                 pick = match["id"] if overtaken < max_overtaken else pick
-            row = con.execute(sql.format(pick="?3"), (owner, now, pick)).fetchone()
+            row = con.execute(take.format(pick=":pick"), {**args, "pick": pick}).fetchone()
         return Job.from_row(row) if row is not None else None
 
-    def _update_running(self, job_id: str, owner: str, sets: str, args: dict) -> sqlite3.Row:
+    def _update_running(self, job_id: str, owner: str, sets: str, args: dict):
+        now = time.time()
         row = (
             self._con()
             .execute(
-                f"UPDATE jobs SET {sets}, updated_at = :now WHERE id = :id AND owner = :owner"
-                " AND state = 'running' RETURNING cancel_requested",
-                {**args, "now": time.time(), "id": job_id, "owner": owner},
+                f"UPDATE jobs SET {sets}, updated_at = :now, lease_expires = :lease WHERE id = :id"
+                " AND owner = :owner AND state = 'running' RETURNING cancel_requested",
+                {**args, "now": now, "lease": now + self.lease_seconds, "id": job_id, "owner": owner},
             )
             .fetchone()
         )
@@ -366,30 +423,41 @@ class JobStore:
         """End a running job; returns its final state. ``result`` = (temporary file, final path): the file
         is fsynced, then renamed and its directory fsynced inside the transaction that marks the job
         succeeded, so the video appears exactly when the job becomes succeeded, and survives a power cut
-        once it has. A cancellation requested before this commit wins: the job ends ``cancelled`` and the
-        video is discarded. Raises NotOwner if fenced off."""
+        once it has. On PostgreSQL the file is copied into the database instead, in that transaction
+        (``wanfast.server.videos``; one above ``max_video_bytes`` fails the job). A cancellation requested
+        before this commit wins: the job ends ``cancelled`` and the video is discarded. Raises NotOwner if
+        fenced off."""
         if state not in TERMINAL:
             raise ValueError(f"not a final state: {state!r}")
-        if result is not None:
+        if result is not None and self.videos_in_db:
+            size = result[0].stat().st_size
+            if state == "succeeded" and size > self.max_video_bytes:
+                state, error = "failed", videos.too_large(size, self.max_video_bytes)
+        elif result is not None:
             _fsync(result[0])
         now, late = time.time(), "cancelled by request after the last step; the video was discarded"
+        args = {"state": state, "late": late, "error": redact_paths(error), "now": now, "id": job_id,
+                "timings": json.dumps(timings) if timings else None, "peak": peak_memory_bytes, "owner": owner}  # fmt: skip
         try:
             with self._tx() as con:
                 row = con.execute(
-                    "UPDATE jobs SET state = CASE WHEN cancel_requested AND ?1 = 'succeeded' THEN 'cancelled' ELSE ?1 END,"
-                    " error = CASE WHEN cancel_requested AND ?1 = 'succeeded' THEN ?2 ELSE ?3 END, timings = ?4,"
-                    " peak_memory_bytes = ?5, finished_at = ?6, updated_at = ?6, eta_seconds = NULL, stage = NULL"
-                    " WHERE id = ?7 AND owner = ?8 AND state = 'running' RETURNING state",
-                    (state, late, redact_paths(error), json.dumps(timings) if timings else None,
-                     peak_memory_bytes, now, job_id, owner),
+                    "UPDATE jobs SET state = CASE WHEN cancel_requested = 1 AND :state = 'succeeded' THEN 'cancelled' ELSE :state END,"
+                    " error = CASE WHEN cancel_requested = 1 AND :state = 'succeeded' THEN :late ELSE :error END,"
+                    " timings = :timings, peak_memory_bytes = :peak, finished_at = :now, updated_at = :now,"
+                    " eta_seconds = NULL, stage = NULL, lease_expires = NULL"
+                    " WHERE id = :id AND owner = :owner AND state = 'running' RETURNING state",
+                    args,
                 ).fetchone()  # fmt: skip
                 if row is None:
                     raise NotOwner(f"job {job_id} is no longer owned by this worker")
                 if result is not None and row["state"] == "succeeded":
-                    # should COMMIT fail now, the job stays running: the restart rule re-queues it, and its
-                    # re-run overwrites this same file
-                    result[0].replace(result[1])
-                    _fsync(result[1].parent)
+                    if self.videos_in_db:  # the rows commit with the job's new state, or neither does
+                        videos.put(con, job_id, result[0])
+                    else:
+                        # should COMMIT fail now, the job stays running: the restart rule re-queues it, and
+                        # its re-run overwrites this same file
+                        result[0].replace(result[1])
+                        _fsync(result[1].parent)
             return row["state"]
         finally:
             if result is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanfast.config import ConfigError
-from wanfast.server.jobs import JobStore
+from wanfast.server.jobs import STORE_ERRORS, JobStore
 
 log = logging.getLogger("wanfast.server.pool")
 HANG_SECONDS = 30.0  # no heartbeat this long: the worker is hung (SIGSTOP included) and is replaced
@@ -155,6 +154,7 @@ class WorkerPool:
         self.hang_seconds = hang_seconds
         self._stop = threading.Event()
         self._procs: dict[str, list[_Process]] = {s.name: [] for s in slots}
+        self._owners: dict[str, str] = {}  # slot -> the token of its current worker
         self._threads = [threading.Thread(target=self._run, args=(s,), name=f"pool-{s.name}", daemon=True)
                          for s in slots]  # fmt: skip
         cpu_procs = sum(s.ranks for s in slots)
@@ -177,7 +177,7 @@ class WorkerPool:
         while True:
             try:
                 return fn()
-            except sqlite3.Error as e:
+            except STORE_ERRORS as e:
                 log.error("%s: the job store failed (%s); retrying in 1 s", what, e)
                 if self._stop.wait(1.0):
                     raise
@@ -234,7 +234,7 @@ class WorkerPool:
                     backoff = min(2.0 ** (failures - 1), 60.0)  # a worker that cannot even load must not spin
                     if self._stop.wait(backoff):
                         break
-                owner = uuid.uuid4().hex
+                owner = self._owners[slot.name] = uuid.uuid4().hex
                 self._retry(
                     f"registering {slot.name}", lambda o=owner: self.store.register_worker(slot.name, o)
                 )
@@ -244,7 +244,7 @@ class WorkerPool:
                 if not self._stop.is_set():  # one process gone or hung: the slot's others cannot go on
                     for p in procs:
                         p.kill()
-            except sqlite3.Error:
+            except STORE_ERRORS:
                 break  # only while stopping: _retry gave up
             except Exception:  # this thread must outlive any error: it is the only one that restarts workers
                 log.exception("could not run worker %s", slot.name)
@@ -270,6 +270,7 @@ class WorkerPool:
         try:
             for slot in self.slots:
                 self.store.register_worker(slot.name, None)
-            self.store.recover(self.results_dir, "server stopped", count_attempt=False)
-        except sqlite3.Error as e:  # the next start applies the rule (counting the attempt)
+            for owner in self._owners.values():  # this pool's jobs only: a shared store has others'
+                self.store.recover(self.results_dir, "server stopped", count_attempt=False, owner=owner)
+        except STORE_ERRORS as e:  # the next start applies the rule (counting the attempt)
             log.error("could not re-queue the running jobs at stop: %s", e)

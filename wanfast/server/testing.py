@@ -66,8 +66,13 @@ def burst(server: ServerProcess, body: dict, n: int = 50) -> list:
 class ServerProcess:
     """``python -m wanfast serve --model tiny`` with its output in ``<data_dir>/server-<n>.log``."""
 
-    def __init__(self, data_dir: str | Path, *extra_args: str, api_key: str | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, *extra_args: str, api_key: str | None = None, wait_workers: bool = True
+    ) -> None:
+        """``wait_workers``: ``start`` waits until every worker has its model loaded (False: until the web
+        process answers, as an ``--api-only`` one does before any worker has joined)."""
         self.data_dir, self.extra_args, self.api_key = Path(data_dir), extra_args, api_key
+        self.wait_workers = wait_workers
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log_path = self.data_dir / "server.log"
@@ -99,7 +104,7 @@ class ServerProcess:
             raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.log()}")
         try:
             r = httpx.get(f"{self.url}/health", timeout=2)
-            return r.status_code == 200 and r.json()["status"] == "ok"
+            return not self.wait_workers or (r.status_code == 200 and r.json()["status"] == "ok")
         except httpx.TransportError:
             return False
 
@@ -165,3 +170,42 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class WorkerProcess:
+    """``python -m wanfast worker --model tiny`` (a worker pool with no HTTP, on a PostgreSQL store), with
+    its output in ``<data_dir>/worker.log``."""
+
+    def __init__(self, data_dir: str | Path, *extra_args: str, env: dict | None = None) -> None:
+        """``env``: variables added to its environment (e.g. ``WANFAST_STORE``)."""
+        self.data_dir, self.extra_args, self.env = Path(data_dir), extra_args, env or {}
+        self.log_path = self.data_dir / "worker.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "wanfast", "worker", "--model", "tiny", "--data-dir", str(self.data_dir),
+               *self.extra_args]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a host that vanishes: no handler runs; its worker process exits on its own (its
+        stdin pipe closes), and nobody is left to fence its job off: only the lease frees it."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)

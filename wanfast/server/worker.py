@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import sys
 import threading
 import time
@@ -22,7 +21,8 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from wanfast.server.jobs import Job, JobStore, NotOwner
+from wanfast.server import videos
+from wanfast.server.jobs import STORE_ERRORS, Job, JobStore, NotOwner
 
 log = logging.getLogger("wanfast.server.worker")
 POLL_SECONDS = 0.1  # idle wait between claims: a new job starts within this
@@ -206,7 +206,7 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
                 flag = int(store.progress(job.id, owner, i + 1, n, expert, step_s, step_s * (n - i - 1)))
             except NotOwner:
                 flag = 2
-            except sqlite3.Error as e:  # a busy store: this step's progress is not shown, the job goes on
+            except STORE_ERRORS as e:  # a busy store: this step's progress is not shown, the job goes on
                 log.warning("job %s: progress not recorded: %s", job.id, e)
                 flag = 0
             flag = sync(flag) if sync is not None else flag
@@ -218,7 +218,7 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
         result = pipe.run(params, progress, image=image)
         try:
             store.stage(job.id, owner, "writing")
-        except sqlite3.Error as e:
+        except STORE_ERRORS as e:
             log.warning("job %s: stage not recorded: %s", job.id, e)
         t_write = time.monotonic()
         write_mp4(result.frames, tmp, fps=fps)
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     owner, rank, world = slot["owner"], slot["rank"], slot["world"]
     data_dir = Path(cfg["data_dir"])
     results_dir = data_dir / "results"
-    store = JobStore(data_dir / "jobs.db") if rank == 0 else None
+    # a PostgreSQL store's URL comes by environment (server.scale.resolve_store); else the server's SQLite file
+    target = os.environ["WANFAST_STORE"] if cfg.get("store") == "env" else data_dir / "jobs.db"
+    store = JobStore(target, **cfg.get("store_options", {})) if rank == 0 else None
     state, info, device = {"name": "loading"}, {"pid": os.getpid()}, [None]
 
     def pulse() -> None:  # in a thread: a long step must not make the worker look dead
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 memory = _memory(device[0]) if device[0] is not None else {}
                 if not store.heartbeat(owner, state["name"], **info, **memory):
                     os._exit(0)  # fenced off: a newer worker owns this slot
-            except sqlite3.Error as e:  # the pulse says this process lives; the store may be busy
+            except STORE_ERRORS as e:  # the pulse says this process lives; the store may be busy
                 log.warning("heartbeat not recorded: %s", e)
             time.sleep(HEARTBEAT_SECONDS)
 
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         state["name"] = name
         try:
             store.heartbeat(owner, name)
-        except sqlite3.Error as e:
+        except STORE_ERRORS as e:
             log.warning("state not recorded: %s", e)
 
     threading.Thread(target=pulse, name="pulse", daemon=True).start()
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if store is not None:
             try:
                 store.heartbeat(owner, "failed", detail=f"model load failed: {type(e).__name__}: {e}")
-            except sqlite3.Error:
+            except STORE_ERRORS:
                 pass  # the traceback below says it all the same
         raise
     if pipe.device.type == "cpu":
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if store is not None:
             try:
                 store.heartbeat(owner, "failed", detail=f"LoRA library: {type(e).__name__}: {e}")
-            except sqlite3.Error:
+            except STORE_ERRORS:
                 pass
         raise
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -377,12 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             prefer = getattr(pipe, "lora_key", None)  # with a library: jobs with the set it holds first
             job = store.claim(owner, prefer, cfg.get("lora_max_overtaken", 4))
-        except sqlite3.Error as e:  # a busy store must not end an idle worker
+        except STORE_ERRORS as e:  # a busy store must not end an idle worker
             log.warning("claim failed: %s", e)
             job = None
         if job is None:
             time.sleep(POLL_SECONDS)
             continue
+        job = videos.local_inputs(store, job, data_dir / "inputs")  # PostgreSQL: its image, to this host
         if broadcast is not None:
             broadcast(job)
         set_state("busy")
