@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body (default 64 KiB; 32 MiB for a model that takes an image)")  # fmt: skip
     add_engine_flags(p)  # the same engine flags as generate
+    p.add_argument("--warm-sizes", default=None, metavar="WxHxF[,...]",
+                   help="each worker runs these sizes once (compiling them) before /health says it is ready")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_pool_and_door_flags(p)
 
@@ -88,7 +90,13 @@ def _is_loopback(host: str) -> bool:
 def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
     """What the worker process gets (JSON): the model source and its serialised ``EngineSettings``."""
     source = args.model if args.model else str(args.ckpt_dir)
-    return {"data_dir": str(data_dir), "source": source, "settings": engine_settings(args).to_json()}
+    config = {"data_dir": str(data_dir), "source": source, "settings": engine_settings(args).to_json()}
+    if getattr(args, "warm_sizes", None):  # checked by serve_main; [[w, h, frames], ...]
+        from wanfast.builder import open_model
+        from wanfast.server.warmup import parse_warm_sizes
+
+        config["warm_sizes"] = [list(s) for s in parse_warm_sizes(args.warm_sizes, open_model(source).spec)]
+    return config
 
 
 def check_memory(config: dict, model=None) -> tuple[str | None, Callable[[SamplingParams], None]]:
@@ -144,6 +152,10 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ConfigError("--queue-size and --max-prompt-chars must be >= 1, --max-body-bytes >= 1024")
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
     plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
+    if args.warm_sizes:
+        from wanfast.server.warmup import parse_warm_sizes
+
+        parse_warm_sizes(args.warm_sizes, model.spec)  # a bad size fails here, not in every worker
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
     slots = _pool_plan(args, model.spec.dit.num_heads)
     default = Limits.default(model.spec.defaults)
