@@ -144,19 +144,15 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     w = tmp_path
     env = dict(ENV, OUT=str(w / "out"), CKPT=str(w / "ckpt"), CC=str(w / "cc"), VIDEOS=str(w / "v"),
                SPEC="tiny", DEVICE="cpu", DROP="0", H2D_GIB="0.01", GEN="--size 64x48 --frames 5 --steps 2",
-               GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile")  # fmt: skip
+               GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile",
+               FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged",
+               BF16_RUNS="cold warm cold_staged")  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "coldstart_gpu.sh"), "all", "test"],
                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     o = w / "out" / "coldstart"
-    runs = [
-        "fp8_cold_compile",
-        "fp8_warm_cached",
-        "fp8_cold_cached",
-        "fp8_warm_serial",
-        "bf16_cold",
-        "bf16_warm",
-    ]
+    runs = ["fp8_cold_compile", "fp8_warm_cached", "fp8_cold_cached", "fp8_warm_serial", "fp8_warm_staged",
+            "fp8_cold_staged", "bf16_cold", "bf16_warm", "bf16_cold_staged"]  # fmt: skip
     for name in runs:
         meta = json.loads((o / f"meta_{name}.json").read_text())
         assert meta["rc"] == 0 and meta["dropped"] == 0, (name, (o / f"gen_{name}.log").read_text()[-2000:])
@@ -164,7 +160,10 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     assert set(summary["runs"]) == {f"gen_{n}.json" for n in runs}
     fp8 = summary["runs"]["gen_fp8_warm_cached.json"]["loads"]
     assert set(fp8) == {"load_expert_high_noise", "load_expert_low_noise", "load_text_encoder", "load_vae"}
-    assert json.loads((o / "gen_fp8_warm_serial.json").read_text())["load_threads"] is False
+    for name in runs:  # each switch reached its process, and only its own
+        t = json.loads((o / f"gen_{name}.json").read_text())
+        assert (t["load_threads"], t["staged_load"]) == ("serial" not in name, "staged" in name), name
+        assert t["settings"]["compile_cache"] == (None if name.startswith("bf16") else str(w / "cc")), name
     # the bf16 set: one expert folder, the low-noise one a link to it (same bytes read twice)
     bf16 = summary["runs"]["gen_bf16_cold.json"]["loads"]
     assert bf16["load_expert_high_noise"]["bytes"] == bf16["load_expert_low_noise"]["bytes"] > 0

@@ -221,6 +221,7 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
         params=None if result is None else {"width": result.params.width, "height": result.params.height,
                                             "frames": result.params.frames, "steps": result.params.steps},
         load_threads=os.environ.get("WANFAST_LOAD_THREADS", "1") != "0",
+        staged_load=os.environ.get("WANFAST_STAGED_LOAD", "0") == "1",
         pid=os.getpid(),
     )  # fmt: skip
     Path(path).parent.mkdir(parents=True, exist_ok=True)
