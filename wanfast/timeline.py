@@ -181,7 +181,8 @@ def report(pipeline_timings: dict | None = None, **extra: object) -> dict:
         denoise_start = m["run_start"] + pt.get("text_encoding", 0.0) + pt.get("conditioning", 0.0)
         edges = [denoise_start] + [t for _, t in steps]
         step_s = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
-        phases["text_encoding"] = pt.get("text_encoding", 0.0)
+        if "text_encoding" in pt:  # else (--prompts-file) the first step's time counts from the run's start
+            phases["text_encoding"] = pt["text_encoding"]
         phases["first_step"] = step_s[0]
         later = [s for (e, _), s in zip(steps[1:], step_s[1:], strict=True) if e == steps[0][0]]
         if later:  # the first step's extra over a steady step of the same expert: compile and warm-up
