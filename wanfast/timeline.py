@@ -191,8 +191,8 @@ def report(pipeline_timings: dict | None = None, **extra: object) -> dict:
         m["last_step"] = steps[-1][1]
     if "vae_decode" in pt:
         phases["vae_decode"] = pt["vae_decode"]
-    if "mp4" in m and "run_start" in m and "total" in pt:
-        phases["write_mp4"] = m["mp4"] - (m["run_start"] + pt["total"])
+    if "mp4" in m and "run_end" in m:
+        phases["write_mp4"] = m["mp4"] - m["run_end"]
     return {
         "clock": "seconds since process start",
         "to_first_step_s": m.get("first_step"),
