@@ -167,6 +167,7 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     # the bf16 set: one expert folder, the low-noise one a link to it (same bytes read twice)
     bf16 = summary["runs"]["gen_bf16_cold.json"]["loads"]
     assert bf16["load_expert_high_noise"]["bytes"] == bf16["load_expert_low_noise"]["bytes"] > 0
+    assert bf16["load_expert_high_noise"]["vs_dd_time"] > 0 and "vs_dd_time" in fp8["load_expert_high_noise"]
     assert (w / "ckpt" / "low_noise_model").is_symlink()
     assert summary["dd_GB_per_s"]["dd_fp8_cold.json"] > 0 and summary["parts"]["h2d.json"]["pinned"]["s"] > 0
     dd = summary["parts"]["dd_bf16_cold.json"]
