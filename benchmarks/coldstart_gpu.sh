@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # Cold start of a fresh `wanfast generate` (issue #17 part 2) on nvidia-h200 (64 GiB disk, root), in stages,
-# each one device call (< 10 min; ~8 min for all five at the defaults):
+# each one device call (< 10 min; ~9 min for all five at the defaults, estimated, not yet measured):
 #   bash benchmarks/coldstart_gpu.sh write-fp8 COMMIT   # UMT5 + VAE + both FP8 experts, ~41 GB  (~1-2 min)
-#   bash benchmarks/coldstart_gpu.sh fp8 COMMIT         # h2d probe, dd cold/warm, 4 generate runs (~4 min)
+#   bash benchmarks/coldstart_gpu.sh fp8 COMMIT         # h2d probe, dd cold/warm, 4 generate runs (~5 min)
 #   bash benchmarks/coldstart_gpu.sh write-bf16 COMMIT  # FP8 experts out, one bf16 expert in (28.6 GB)
-#   bash benchmarks/coldstart_gpu.sh bf16 COMMIT        # dd cold, generate cold / warm (no compile)
+#   bash benchmarks/coldstart_gpu.sh bf16 COMMIT        # dd cold, 2 generate runs (no compile) (~2 min)
 #   bash benchmarks/coldstart_gpu.sh summary COMMIT     # $OUT/coldstart/summary.json
 #   bash benchmarks/coldstart_gpu.sh all COMMIT         # the five in a row (for the CPU test; too long on GPU)
 # Checkpoints: random weights at real dims in the official layout (benchmarks/coldstart_gpu.py write), under
 # $CKPT (default /tmp/wf/cold/ckpt: local disk). The bf16 set is one expert whose low-noise folder links to
 # the high-noise one: a generate reads its files from disk (cold) and then again from the page cache.
 # Cold = `sync; echo 3 > /proc/sys/vm/drop_caches` before the run (DROP=0 skips it; meta_*.json say which).
-# Generate runs (--timings JSON each, all under $OUT/coldstart):
+# Generate runs (--timings JSON each, all under $OUT/coldstart), picked by FP8_RUNS / BF16_RUNS (in order):
 #   fp8_cold_compile   page cache cold, empty --compile-cache: the first process on a fresh machine
 #   fp8_warm_cached    page cache warm, the compile cache from the run before (a second process)
 #   fp8_cold_cached    page cache cold, compile cache filled: a restart after the cache was built
-#   fp8_warm_serial    as warm_cached with WANFAST_LOAD_THREADS=0 (text encoder not loaded beside experts)
-#   bf16_cold, bf16_warm  one bf16 expert read cold then warm in one process; --no-compile
+#   fp8_warm_staged    as warm_cached with WANFAST_STAGED_LOAD=1 (large reads into pinned buffers, one copy)
+#   fp8_warm_serial    (not default) as warm_cached with WANFAST_LOAD_THREADS=0: text encoder after the experts
+#   fp8_cold_staged    (not default) as cold_cached with WANFAST_STAGED_LOAD=1
+#   bf16_cold          one bf16 expert read from disk (high) and then from the page cache (low: a link), UMT5 and
+#                      VAE cold; --no-compile
+#   bf16_cold_staged   the same with WANFAST_STAGED_LOAD=1;  bf16_warm (not default): all warm
+# Defaults: FP8_RUNS="cold_compile warm_cached cold_cached warm_staged", BF16_RUNS="cold cold_staged".
 # Environment: SPEC (t2v-A14B), GEN (generate flags of the FP8 runs), GEN_BF16, PROMPT, DEVICE (cuda),
-# COMPILE_CACHE (the --compile-cache folder), SKIP_DD, H2D_GIB (8), GEN_TIMEOUT (s, 300), FP8_RUNS (which of the four FP8 runs, in order; default all: to save
-# device time, e.g. FP8_RUNS="cold_compile warm_cached").
+# COMPILE_CACHE (the --compile-cache folder), SKIP_DD=1 (no h2d / dd probes), H2D_GIB (8), GEN_TIMEOUT (s, 300).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=$1
@@ -78,12 +82,14 @@ fp8)
         "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_cold.json"
         "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_warm.json"
     fi
-    for run in ${FP8_RUNS:-cold_compile warm_cached cold_cached warm_serial}; do
+    for run in ${FP8_RUNS:-cold_compile warm_cached cold_cached warm_staged}; do
         case $run in
         cold_compile) gen fp8_cold_compile cold fresh "${gen_flags[@]}" ;;
         warm_cached) gen fp8_warm_cached warm keep "${gen_flags[@]}" ;;
         cold_cached) gen fp8_cold_cached cold keep "${gen_flags[@]}" ;;
         warm_serial) WANFAST_LOAD_THREADS=0 gen fp8_warm_serial warm keep "${gen_flags[@]}" ;;
+        warm_staged) WANFAST_STAGED_LOAD=1 gen fp8_warm_staged warm keep "${gen_flags[@]}" ;;
+        cold_staged) WANFAST_STAGED_LOAD=1 gen fp8_cold_staged cold keep "${gen_flags[@]}" ;;
         *) echo "unknown FP8 run $run" >&2 ;;
         esac
     done
@@ -97,8 +103,14 @@ write-bf16)
 bf16)
     printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_bf16_cold.json"
     "${helper[@]}" dd "$CKPT/high_noise_model" --out "$o/dd_bf16_cold.json"
-    gen bf16_cold cold none "${bf16_flags[@]}"
-    gen bf16_warm warm none "${bf16_flags[@]}"
+    for run in ${BF16_RUNS:-cold cold_staged}; do
+        case $run in
+        cold) gen bf16_cold cold none "${bf16_flags[@]}" ;;
+        warm) gen bf16_warm warm none "${bf16_flags[@]}" ;;
+        cold_staged) WANFAST_STAGED_LOAD=1 gen bf16_cold_staged cold none "${bf16_flags[@]}" ;;
+        *) echo "unknown bf16 run $run" >&2 ;;
+        esac
+    done
     ;;
 summary)
     "${helper[@]}" summary "$o" --out "$o/summary.json"

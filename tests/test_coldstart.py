@@ -144,19 +144,15 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     w = tmp_path
     env = dict(ENV, OUT=str(w / "out"), CKPT=str(w / "ckpt"), CC=str(w / "cc"), VIDEOS=str(w / "v"),
                SPEC="tiny", DEVICE="cpu", DROP="0", H2D_GIB="0.01", GEN="--size 64x48 --frames 5 --steps 2",
-               GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile")  # fmt: skip
+               GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile",
+               FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged",
+               BF16_RUNS="cold warm cold_staged")  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "coldstart_gpu.sh"), "all", "test"],
                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     o = w / "out" / "coldstart"
-    runs = [
-        "fp8_cold_compile",
-        "fp8_warm_cached",
-        "fp8_cold_cached",
-        "fp8_warm_serial",
-        "bf16_cold",
-        "bf16_warm",
-    ]
+    runs = ["fp8_cold_compile", "fp8_warm_cached", "fp8_cold_cached", "fp8_warm_serial", "fp8_warm_staged",
+            "fp8_cold_staged", "bf16_cold", "bf16_warm", "bf16_cold_staged"]  # fmt: skip
     for name in runs:
         meta = json.loads((o / f"meta_{name}.json").read_text())
         assert meta["rc"] == 0 and meta["dropped"] == 0, (name, (o / f"gen_{name}.log").read_text()[-2000:])
@@ -164,11 +160,59 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     assert set(summary["runs"]) == {f"gen_{n}.json" for n in runs}
     fp8 = summary["runs"]["gen_fp8_warm_cached.json"]["loads"]
     assert set(fp8) == {"load_expert_high_noise", "load_expert_low_noise", "load_text_encoder", "load_vae"}
-    assert json.loads((o / "gen_fp8_warm_serial.json").read_text())["load_threads"] is False
+    for name in runs:  # each switch reached its process, and only its own
+        t = json.loads((o / f"gen_{name}.json").read_text())
+        assert (t["load_threads"], t["staged_load"]) == ("serial" not in name, "staged" in name), name
+        assert t["settings"]["compile_cache"] == (None if name.startswith("bf16") else str(w / "cc")), name
     # the bf16 set: one expert folder, the low-noise one a link to it (same bytes read twice)
     bf16 = summary["runs"]["gen_bf16_cold.json"]["loads"]
     assert bf16["load_expert_high_noise"]["bytes"] == bf16["load_expert_low_noise"]["bytes"] > 0
+    assert bf16["load_expert_high_noise"]["vs_dd_time"] > 0 and "vs_dd_time" in fp8["load_expert_high_noise"]
     assert (w / "ckpt" / "low_noise_model").is_symlink()
     assert summary["dd_GB_per_s"]["dd_fp8_cold.json"] > 0 and summary["parts"]["h2d.json"]["pinned"]["s"] > 0
     dd = summary["parts"]["dd_bf16_cold.json"]
     assert {Path(f["file"]).parent.name for f in dd["files"]} == {"high_noise_model"} and dd["bytes"] > 0
+
+
+def test_staged_reads_equal_mapped_reads(tiny_official, tmp_path):
+    """``read_staged`` gives the mapped reader's tensors bit for bit (keys, dtypes, shapes, bytes): the tiny
+    official fp32 shards, an FP8 expert (e4m3 + fp32 scales) and a bf16 file, with the staging buffer
+    larger than a shard, and small enough that runs split and single tensors exceed it."""
+    from safetensors.torch import save_file
+
+    from wanfast.loading.checkpoint import read_safetensors, read_staged, safetensors_files
+    from wanfast.tools.quantize import quantize_expert
+
+    quantize_expert(tiny_official / "high_noise_model", tmp_path / "fp8")
+    mixed = {"a": torch.randn(3, 5).bfloat16(), "b": torch.arange(7), "c": torch.tensor(2.5), "d": torch.ones(0),
+             "e": torch.tensor([True, False])}  # fmt: skip
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    sets = [safetensors_files(tiny_official / "high_noise_model", "diffusion_pytorch_model"),
+            safetensors_files(tmp_path / "fp8", "diffusion_pytorch_model"), [tmp_path / "mixed.safetensors"]]  # fmt: skip
+    for files in sets:
+        ref = read_safetensors(files)
+        for stage_bytes in (1 << 30, 4096, 1):
+            got = read_staged(files, "cpu", stage_bytes)
+            assert got.keys() == ref.keys()
+            for k, t in ref.items():
+                assert got[k].dtype == t.dtype and got[k].shape == t.shape, k
+                assert (
+                    torch.equal(got[k].view(torch.uint8), t.view(torch.uint8)) if t.dim() else got[k] == t
+                ), k
+
+
+def test_staged_load_builds_the_same_pipeline(tiny_official, tmp_path, monkeypatch):
+    """WANFAST_STAGED_LOAD=1 builds bit-identical experts: fp32 files cast to bf16, and an FP8 checkpoint
+    (its q/k/v concatenated after the read)."""
+    from wanfast.tools.quantize import quantize_checkpoint
+
+    quantize_checkpoint(tiny_official, tmp_path / "fp8")
+    s = EngineSettings(device="cpu", dtype=torch.bfloat16)
+    for source in (tiny_official, tmp_path / "fp8"):
+        monkeypatch.setenv("WANFAST_STAGED_LOAD", "0")
+        mapped = build_pipeline(source, s)
+        monkeypatch.setenv("WANFAST_STAGED_LOAD", "1")
+        staged = build_pipeline(source, s)
+        for name in mapped.experts:
+            a, b = mapped.experts[name].state_dict(), staged.experts[name].state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (source, name)

@@ -305,6 +305,10 @@ def generate(args: argparse.Namespace) -> int:
         raise ConfigError(out_of_memory_message(pipe, params, bp.settings.device)) from e
     if rank != 0:  # every rank holds the same result; only rank 0 writes
         return 0
+    if args.timings is not None:
+        from wanfast import timeline
+
+        timeline.mark("run_end")
     write(result, args.output, args.save_latents, fps)
     if args.timings is not None:
         from wanfast.timeline import write_timings

@@ -253,8 +253,6 @@ class WanPipeline:
                 counter.experts, noise, ctx, ctx_null, params, progress, on_expert,
                 par.predict if par else guided_prediction, condition,
             )  # fmt: skip
-        if self.compile_cache is not None:
-            self.compile_cache.save(size)  # no-op once this size's file exists
         edges = [s[1] for s in stamps] + [time.perf_counter()]
         for (name, _), a, b in zip(stamps, edges[:-1], edges[1:], strict=True):
             timer.timings[f"denoise_{name}"] = b - a
@@ -267,6 +265,8 @@ class WanPipeline:
             frames = to_uint8_frames(video)
         timings = dict(timer.timings)
         timings["total"] = time.perf_counter() - t_start
+        if self.compile_cache is not None:  # outside the timed stages; a no-op once this size's file exists
+            self.compile_cache.save(size)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult(
             frames=frames,

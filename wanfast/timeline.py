@@ -181,7 +181,8 @@ def report(pipeline_timings: dict | None = None, **extra: object) -> dict:
         denoise_start = m["run_start"] + pt.get("text_encoding", 0.0) + pt.get("conditioning", 0.0)
         edges = [denoise_start] + [t for _, t in steps]
         step_s = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
-        phases["text_encoding"] = pt.get("text_encoding", 0.0)
+        if "text_encoding" in pt:  # else (--prompts-file) the first step's time counts from the run's start
+            phases["text_encoding"] = pt["text_encoding"]
         phases["first_step"] = step_s[0]
         later = [s for (e, _), s in zip(steps[1:], step_s[1:], strict=True) if e == steps[0][0]]
         if later:  # the first step's extra over a steady step of the same expert: compile and warm-up
@@ -190,8 +191,8 @@ def report(pipeline_timings: dict | None = None, **extra: object) -> dict:
         m["last_step"] = steps[-1][1]
     if "vae_decode" in pt:
         phases["vae_decode"] = pt["vae_decode"]
-    if "mp4" in m and "run_start" in m and "total" in pt:
-        phases["write_mp4"] = m["mp4"] - (m["run_start"] + pt["total"])
+    if "mp4" in m and "run_end" in m:
+        phases["write_mp4"] = m["mp4"] - m["run_end"]
     return {
         "clock": "seconds since process start",
         "to_first_step_s": m.get("first_step"),
@@ -221,6 +222,7 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
         params=None if result is None else {"width": result.params.width, "height": result.params.height,
                                             "frames": result.params.frames, "steps": result.params.steps},
         load_threads=os.environ.get("WANFAST_LOAD_THREADS", "1") != "0",
+        staged_load=os.environ.get("WANFAST_STAGED_LOAD", "0") == "1",
         pid=os.getpid(),
     )  # fmt: skip
     Path(path).parent.mkdir(parents=True, exist_ok=True)

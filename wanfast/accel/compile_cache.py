@@ -104,10 +104,14 @@ class CompileCache:
             name, path = size_name(size), self.path(size)
             if name in self.loaded or not path.is_file():
                 continue
-            try:
-                torch.compiler.load_cache_artifacts(path.read_bytes())
+            try:  # None: torch could not read the file (it logs why)
+                info = torch.compiler.load_cache_artifacts(path.read_bytes())
             except Exception as e:  # a file from another torch build: recompile, do not fail the run
-                log.warning("compile cache: cannot load %s (%s); compiling instead", path, e)
+                info, why = None, e
+            else:
+                why = "unreadable"
+            if info is None:
+                log.warning("compile cache: cannot load %s (%s); compiling instead", path, why)
                 continue
             self.loaded.add(name)
             done.append(name)

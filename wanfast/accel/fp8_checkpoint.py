@@ -75,7 +75,7 @@ def load_fp8_transformer(
 ) -> WanDiT:
     """An FP8 expert folder -> a fused WanDiT whose quantised Linears are ``FP8Linear`` on ``device``."""
     cfg = dit_config(path)[0]  # config.json, and the text width from the tensor shapes
-    sd = _fuse_keys(read_safetensors(safetensors_files(path, DIT_WEIGHTS)), cfg.num_layers)
+    sd = _fuse_keys(read_safetensors(safetensors_files(path, DIT_WEIGHTS), device), cfg.num_layers)
     quantized = [k[: -len(".scale")] for k in sd if k.endswith(".scale")]
     with torch.device("meta"):
         dit = WanDiT(cfg)

@@ -94,8 +94,89 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_safetensors(files: list[Path], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files``: CPU tensors backed by the mapped files, or, with ``device`` given and
+    ``WANFAST_STAGED_LOAD=1``, tensors already on ``device`` (``read_staged``). The same bytes either way."""
+    if device is not None and staged_load_enabled():
+        return read_staged(files, device)
     return dict(iter_safetensors(files))
+
+
+def staged_load_enabled() -> bool:
+    return os.environ.get("WANFAST_STAGED_LOAD", "0") == "1"
+
+
+# safetensors dtype names -> torch dtypes
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+STAGE_BYTES = 256 * 2**20  # one read: large enough for disk and copy engines, two in flight
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    _check_safetensors_size(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def read_staged(
+    files: list[Path], device: str | torch.device, stage_bytes: int = STAGE_BYTES
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files`` on ``device``, read with large sequential reads (no page-fault-driven mmap
+    copies): runs of neighbouring tensors up to ``stage_bytes`` are read into a staging buffer (pinned for
+    CUDA, two alternating so one read overlaps the other's copies), then each tensor is copied into its own
+    allocation on ``device``. Tensors keep the file's dtype; bytes are copied verbatim."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out: dict[str, torch.Tensor] = {}
+    stages: list[torch.Tensor] = []
+    events: list = [None, None]
+    turn = 0
+    for path in files:
+        base, header = _header(path)
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])  # fmt: skip
+        runs: list[list] = []
+        for key, meta in entries:  # consecutive tensors, each run at most stage_bytes (or one big tensor)
+            start, end = meta["data_offsets"]
+            if not runs or end - runs[-1][0][1]["data_offsets"][0] > stage_bytes:
+                runs.append([])
+            runs[-1].append((key, meta))
+        with open(path, "rb", buffering=0) as f:
+            for run in runs:
+                a, b = run[0][1]["data_offsets"][0], run[-1][1]["data_offsets"][1]
+                if events[turn] is not None:
+                    events[turn].synchronize()  # this buffer's earlier copies are done: it may be refilled
+                if len(stages) <= turn or stages[turn].numel() < b - a:
+                    size = max(b - a, stage_bytes)
+                    if len(stages) <= turn:
+                        stages.append(torch.empty(size, dtype=torch.uint8, pin_memory=cuda))
+                    else:
+                        stages[turn] = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
+                stage = stages[turn]
+                view, got = memoryview(stage.numpy())[: b - a], 0
+                f.seek(base + a)
+                while got < b - a:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointError(f"truncated safetensors file {path}")
+                    got += n
+                for key, meta in run:
+                    start, end = meta["data_offsets"]
+                    if meta["dtype"] not in _ST_DTYPES:
+                        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
+                    dst = torch.empty(meta["shape"], dtype=_ST_DTYPES[meta["dtype"]], device=device)
+                    if end > start:
+                        dst.reshape(-1).view(torch.uint8).copy_(stage[start - a : end - a], non_blocking=cuda)
+                    out[key] = dst
+                if cuda:
+                    events[turn] = torch.cuda.Event()
+                    events[turn].record()
+                turn = 1 - turn
+    if cuda:
+        torch.cuda.synchronize(device)
+    return out
 
 
 def read_pth(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:

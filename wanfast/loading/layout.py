@@ -171,7 +171,7 @@ def load_transformer(
     if is_fp8_checkpoint(path):
         raise ConfigError(f"{path} is an FP8 checkpoint: load it with wanfast.load_pipeline (or the builder)")
     cfg, kind = dit_config(path)
-    sd = read_safetensors(safetensors_files(path, DIT_WEIGHTS))
+    sd = read_safetensors(safetensors_files(path, DIT_WEIGHTS), device)
     if kind == "diffusers":
         sd = dit_keys.diffusers_to_official(sd)
     # The modulation tables are consumed in fp32 (as the official autocast regions do): keep them fp32.

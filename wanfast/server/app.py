@@ -44,6 +44,7 @@ from wanfast.server.schemas import (
     WorkerHealth,
     validate_request,
 )
+from wanfast.server.warmup import read_warm
 from wanfast.specs import ModelSpec
 
 EVENT_POLL_SECONDS = 0.2
@@ -326,6 +327,7 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
                 name=w["name"], gpus=gpus.get(w["name"], ""), state=state, device=w["device"],
                 up=state in ("ready", "busy") and fresh, restarts=w["restarts"],
                 detail=redact_paths(w["detail"]) if state == "failed" else None,
+                warm_sizes=read_warm(settings.results_dir.parent, w["name"], w["pid"]),
             ))  # fmt: skip
         up = sum(w.up for w in workers)
         if workers and up == len(workers):
@@ -333,7 +335,9 @@ def create_app(store: JobStore, settings: ServerSettings) -> FastAPI:
         elif up:
             status = "degraded"
         else:
-            status = "starting" if any(w.state in ("starting", "loading") for w in workers) else "down"
+            status = (
+                "starting" if any(w.state in ("starting", "loading", "warming") for w in workers) else "down"
+            )
         return Health(status=status, workers_up=up, workers=workers)
 
     @app.get("/health", response_model=Health, tags=["service"])

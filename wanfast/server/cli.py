@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body (default 64 KiB; 32 MiB for a model that takes an image)")  # fmt: skip
     add_engine_flags(p)  # the same engine flags as generate
+    p.add_argument("--warm-sizes", default=None, metavar="WxHxF[,...]",
+                   help="each worker runs these sizes once (compiling them) before /health says it is ready")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_pool_and_door_flags(p)
     from wanfast.server.scale import add_store_flags
@@ -113,6 +115,11 @@ def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
 
         # the URL itself by environment (scale.resolve_store): a password in a command line shows in ps
         cfg.update(store="env", store_options=store_options(args))
+    if getattr(args, "warm_sizes", None):  # checked by serve_main; [[w, h, frames], ...]
+        from wanfast.builder import open_model
+        from wanfast.server.warmup import parse_warm_sizes
+
+        cfg["warm_sizes"] = [list(s) for s in parse_warm_sizes(args.warm_sizes, open_model(source).spec)]
     return cfg
 
 

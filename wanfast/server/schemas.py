@@ -235,11 +235,16 @@ class VideoList(BaseModel):
 class WorkerHealth(BaseModel):
     name: str = Field(description="w0, w1, ...")
     gpus: str = Field(description="the CUDA devices it owns, e.g. 0 or 2,3; empty on the CPU")
-    state: str = Field(description="starting, loading, ready, busy, failed or stopped")
+    state: str = Field(
+        description="starting, loading, warming (--warm-sizes), ready, busy, failed or stopped"
+    )
     up: bool = Field(description="ready or busy, with a recent heartbeat")
     device: str | None
     restarts: int
     detail: str | None = Field(None, description="why it failed")
+    warm_sizes: list[str] = Field(
+        [], description="WxHxF sizes this worker has run since it started (--warm-sizes)"
+    )
 
 
 class Health(BaseModel):

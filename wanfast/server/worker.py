@@ -370,7 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     if pipe.settings.offload:
         detail += f" (--offload {pipe.settings.offload})"
     info.update(device=name + (f" x{world}" if world > 1 else ""), detail=detail)
-    device[0], state["name"] = pipe.device, "ready"
+    device[0] = pipe.device
+    if cfg.get(
+        "warm_sizes"
+    ):  # every rank runs them (matching collectives); rank 0 reports (server/warmup.py)
+        from wanfast.server.warmup import warm_up, write_warm
+
+        if store is not None:
+            set_state("warming")
+            write_warm(data_dir, slot["name"], [])  # this process's file, empty: none warm yet
+        report = (lambda rows: write_warm(data_dir, slot["name"], rows)) if store is not None else None
+        warm_up(pipe, [tuple(s) for s in cfg["warm_sizes"]], report)
+    state["name"] = "ready"
     log.info("worker %s rank %d ready: %s on %s", slot["name"], rank, detail, name)
     if rank > 0:
         while True:
