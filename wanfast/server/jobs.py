@@ -46,6 +46,7 @@ from wanfast.server import videos
 from wanfast.server.jobdb import Job, migrate
 from wanfast.server.safety import redact_paths
 from wanfast.server.storedb import STORE_ERRORS, Connection, Database, is_postgres
+from wanfast.server.workertable import WorkerTable
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -53,7 +54,6 @@ MAX_ATTEMPTS = 3
 MAX_OVERTAKEN = 4  # most newer jobs a queued job lets go first for sharing their LoRA set with a worker
 LOCK_TIMEOUT = 30.0  # seconds a statement waits for another process's write lock before it fails
 LEASE_SECONDS = 30.0  # a claimed job's lease: renewed every second by its worker's heartbeat
-FORGET_SECONDS = 600.0  # a PostgreSQL store forgets a worker row silent this long (its host is gone)
 
 # a running job's worker is gone: fenced off (token not registered), or silent past the job's lease
 _GONE = (
@@ -116,7 +116,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-class JobStore:
+class JobStore(WorkerTable):
     """All reads and writes of jobs; safe across threads and processes (the database does the locking).
     ``path``: a SQLite file or a ``postgresql://user@host:port/db`` URL. ``timeout``: seconds a statement
     waits for another process's lock before it raises. ``lease_seconds``: of a claimed job (module
@@ -284,57 +284,6 @@ class JobStore:
                 if job is None or job.state != "running" or job.id in changed:
                     tmp.unlink(missing_ok=True)
         return changed
-
-    # -- worker registration ------------------------------------------------------------------------------
-    def reset_workers(self, names: list[str]) -> None:
-        """The pool's slots, all stopped (at server start, before any worker runs). SQLite: the only pool
-        of the store, it replaces every row. PostgreSQL: one pool of many, it replaces its own rows and
-        drops those of workers silent for ``FORGET_SECONDS`` (a host gone for good)."""
-        with self._tx() as con:
-            if self.db.postgres:
-                con.executemany("DELETE FROM workers WHERE name = ?", [(n,) for n in names])
-                con.execute("DELETE FROM workers WHERE heartbeat_at < ?", (time.time() - FORGET_SECONDS,))
-            else:
-                con.execute("DELETE FROM workers")
-            con.executemany("INSERT INTO workers (name, state) VALUES (?, 'stopped')", [(n,) for n in names])
-
-    def register_worker(self, name: str, owner: str | None) -> None:
-        """Make ``owner`` the only token of slot ``name`` that may claim jobs (None: fence it off; a failed
-        worker keeps its state and detail for /health)."""
-        if owner is not None:
-            sql = "UPDATE workers SET owner = :owner, pid = NULL, heartbeat_at = :now, state = 'starting', detail = NULL"
-        else:
-            sql = (
-                "UPDATE workers SET owner = NULL, pid = NULL, heartbeat_at = :now,"
-                " state = CASE WHEN state = 'failed' THEN 'failed' ELSE 'stopped' END,"
-                " detail = CASE WHEN state = 'failed' THEN detail END"
-            )
-        self._con().execute(sql + " WHERE name = :name", {"owner": owner, "now": time.time(), "name": name})
-
-    def count_worker_restart(self, name: str) -> None:
-        self._con().execute("UPDATE workers SET restarts = restarts + 1 WHERE name = ?", (name,))
-
-    def heartbeat(self, owner: str, state: str, **info: object) -> bool:
-        """Record a worker's state (and pid, device, memory_*) and renew the lease of its job; False once
-        the worker is fenced off."""
-        allowed = {"pid", "detail", "device", "memory_allocated", "memory_reserved", "memory_total"}
-        info = {k: redact_paths(v) if k == "detail" else v for k, v in info.items() if k in allowed}
-        cols = "".join(f", {k} = :{k}" for k in info)
-        now, con = time.time(), self._con()
-        cur = con.execute(
-            f"UPDATE workers SET state = :state, heartbeat_at = :now{cols} WHERE owner = :owner",
-            {**info, "state": state, "now": now, "owner": owner},
-        )
-        if cur.rowcount != 1:
-            return False
-        con.execute(
-            "UPDATE jobs SET lease_expires = ? WHERE owner = ? AND state = 'running'",
-            (now + self.lease_seconds, owner),  # once the rule has taken the job, its owner is no longer this
-        )
-        return True
-
-    def workers(self) -> list[dict]:
-        return [dict(r) for r in self._con().execute("SELECT * FROM workers ORDER BY name").fetchall()]
 
     # -- worker process -----------------------------------------------------------------------------------
     def claim(self, owner: str, prefer: str | None = None, max_overtaken: int = MAX_OVERTAKEN) -> Job | None:
