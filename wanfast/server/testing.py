@@ -63,7 +63,28 @@ def burst(server: ServerProcess, body: dict, n: int = 50) -> list:
     return asyncio.run(run())
 
 
-class ServerProcess:
+class _Child:
+    """A ``wanfast`` subprocess of a test: ``kill`` (SIGKILL: no handler, no cleanup, as a host that
+    vanishes; its workers exit on their own when their stdin pipe closes) and ``stop`` (SIGTERM, then
+    SIGKILL after 30 s)."""
+
+    proc: subprocess.Popen | None
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+class ServerProcess(_Child):
     """``python -m wanfast serve --model tiny`` with its output in ``<data_dir>/server-<n>.log``."""
 
     def __init__(
@@ -151,20 +172,6 @@ class ServerProcess:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         return proc.returncode, proc.stdout + proc.stderr
 
-    def kill(self) -> None:
-        """SIGKILL: no handler, no cleanup; the worker must notice on its own."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
     def __enter__(self) -> ServerProcess:
         return self.start()
 
@@ -172,7 +179,7 @@ class ServerProcess:
         self.stop()
 
 
-class WorkerProcess:
+class WorkerProcess(_Child):
     """``python -m wanfast worker --model tiny`` (a worker pool with no HTTP, on a PostgreSQL store), with
     its output in ``<data_dir>/worker.log``."""
 
@@ -194,18 +201,3 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL, as a host that vanishes: no handler runs; its worker process exits on its own (its
-        stdin pipe closes), and nobody is left to fence its job off: only the lease frees it."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
