@@ -14,6 +14,7 @@ string the store's grouping compares.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from wanfast.config import ConfigError
 from wanfast.specs import ModelSpec
+
+log = logging.getLogger("wanfast.server.worker")
 
 MAX_STRENGTH = 10.0  # |strength| accepted per expert: far past any published recipe (Lightning: 3)
 MAX_LORAS = 4  # default most entries of one request (--max-loras); each costs switch time
@@ -142,3 +145,59 @@ class LoraLibrary:
 def set_key(request: dict) -> str:
     """The LoRA set of a stored request as one comparable string ("[]": none)."""
     return json.dumps(request.get("loras", []), sort_keys=True, separators=(",", ":"))
+
+
+# ---- the worker's side: its switcher and the switch before each job ----------------------------------
+
+
+def worker_switcher(pipe, cfg: dict):
+    """With ``cfg["lora_dir"]``: the library read and checked against the loaded model, and the switcher
+    (``accel/lora_switch.py``) that merges a job's set between jobs, its bases taken from the checkpoint's
+    own values (``checkpoint_source``) so that each job equals a fresh build with its set. None without.
+    Bases on the GPU when they fit beside the activations of the largest default-limit request (2.5x the
+    model's default request, ``schemas.LIMIT_FACTOR``) plus 10% of the device; else pinned host memory."""
+    if not cfg.get("lora_dir"):
+        return None
+    import torch
+
+    from wanfast.accel.lora_switch import enable_lora_switching
+    from wanfast.accel.offload import activation_bytes
+    from wanfast.loading.lora import checkpoint_source
+    from wanfast.server.schemas import LIMIT_FACTOR
+
+    library = LoraLibrary.open(cfg["lora_dir"], pipe.spec, keep=True)
+    paths = None
+    if not cfg.get("synthetic"):
+        from wanfast.builder import open_model
+        from wanfast.specs import SPECS
+
+        source = cfg["source"]
+        if source in SPECS:  # a tiny model's checkpoint, as the builder wrote (and deleted) it: seed 0
+            from wanfast.tools.testing import write_official_checkpoint
+
+            folder = Path(cfg["data_dir"]) / "tiny-checkpoint"
+            write_official_checkpoint(folder, SPECS[source], seed=0)
+            source = folder
+        paths = open_model(source).paths
+    sources = {n: checkpoint_source(paths.experts[n]) for n in pipe.experts} if paths else None
+    d = pipe.spec.defaults
+    reserve = int(LIMIT_FACTOR * activation_bytes(pipe.spec, d.size, d.frames))
+    if pipe.device.type == "cuda":
+        reserve += torch.cuda.get_device_properties(pipe.device).total_memory // 10
+    switcher = enable_lora_switching(pipe, library.files.values(), sources, reserve=reserve)
+    switcher.library, pipe.lora_key = library, set_key({})  # built without LoRAs: the empty set held
+    log.info("LoRA library: %d files, bases in %s memory", len(library.files), switcher.placement)
+    return switcher
+
+
+def switch_for_job(pipe, request: dict) -> float | None:
+    """Merge the LoRA set of a job's ``request`` (seconds it took; None without a library)."""
+    switcher = getattr(pipe, "lora_switcher", None)
+    if switcher is None:
+        return None
+    from wanfast.accel.lora_switch import switch_loras
+
+    key, pipe.lora_key = set_key(request), None  # unknown until the switch has completed
+    seconds = switch_loras(pipe, switcher.library.stack(request))
+    pipe.lora_key = key
+    return seconds

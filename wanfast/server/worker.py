@@ -23,6 +23,7 @@ from pathlib import Path
 
 from wanfast.server import videos
 from wanfast.server.jobs import STORE_ERRORS, Job, JobStore, NotOwner
+from wanfast.server.lora_library import switch_for_job, worker_switcher
 
 log = logging.getLogger("wanfast.server.worker")
 POLL_SECONDS = 0.1  # idle wait between claims: a new job starts within this
@@ -89,61 +90,6 @@ def _build(cfg: dict):
                            settings=settings)  # fmt: skip
 
 
-def _lora_switcher(pipe, cfg: dict):
-    """With ``cfg["lora_dir"]``: the library read and checked against the loaded model, and the switcher
-    (``accel/lora_switch.py``) that merges a job's set between jobs, its bases taken from the checkpoint's
-    own values (``checkpoint_source``) so that each job equals a fresh build with its set. None without.
-    Bases on the GPU when they fit beside the activations of the largest default-limit request (2.5x the
-    model's default request, ``schemas.LIMIT_FACTOR``) plus 10% of the device; else pinned host memory."""
-    if not cfg.get("lora_dir"):
-        return None
-    import torch
-
-    from wanfast.accel.lora_switch import enable_lora_switching
-    from wanfast.accel.offload import activation_bytes
-    from wanfast.loading.lora import checkpoint_source
-    from wanfast.server.lora_library import LoraLibrary, set_key
-    from wanfast.server.schemas import LIMIT_FACTOR
-
-    library = LoraLibrary.open(cfg["lora_dir"], pipe.spec, keep=True)
-    paths = None
-    if not cfg.get("synthetic"):
-        from wanfast.builder import open_model
-        from wanfast.specs import SPECS
-
-        source = cfg["source"]
-        if source in SPECS:  # a tiny model's checkpoint, as the builder wrote (and deleted) it: seed 0
-            from wanfast.tools.testing import write_official_checkpoint
-
-            folder = Path(cfg["data_dir"]) / "tiny-checkpoint"
-            write_official_checkpoint(folder, SPECS[source], seed=0)
-            source = folder
-        paths = open_model(source).paths
-    sources = {n: checkpoint_source(paths.experts[n]) for n in pipe.experts} if paths else None
-    d = pipe.spec.defaults
-    reserve = int(LIMIT_FACTOR * activation_bytes(pipe.spec, d.size, d.frames))
-    if pipe.device.type == "cuda":
-        reserve += torch.cuda.get_device_properties(pipe.device).total_memory // 10
-    switcher = enable_lora_switching(pipe, library.files.values(), sources, reserve=reserve)
-    switcher.library, pipe.lora_key = library, set_key({})  # built without LoRAs: the empty set held
-    log.info("LoRA library: %d files, bases in %s memory", len(library.files), switcher.placement)
-    return switcher
-
-
-def _switch(pipe, job: Job) -> float | None:
-    """Merge the job's LoRA set (seconds it took; None without a library)."""
-    switcher = getattr(pipe, "lora_switcher", None)
-    if switcher is None:
-        return None
-    from wanfast.accel.lora_switch import switch_loras
-    from wanfast.server.lora_library import set_key
-
-    key, pipe.lora_key = set_key(job.request), None  # unknown until the switch has completed
-    seconds = switch_loras(pipe, switcher.library.stack(job.request))
-    pipe.lora_key = key
-    return seconds
-
-
 def _memory(device) -> dict:
     import torch
 
@@ -168,7 +114,7 @@ def _params(pipe, job: Job):
     """The job's ``SamplingParams`` with the loaded model's rules, its frame rate and its image (a
     ``PIL.Image``, or None). Raises ``ConfigError`` (``FileNotFoundError`` for a vanished image)."""
     request = dict(job.request)
-    request.pop("loras", None)  # merged into the weights by _switch
+    request.pop("loras", None)  # merged into the weights by switch_for_job
     fps = request.pop("fps", None) or pipe.defaults.fps
     image_path = request.pop("image", None)
     image = None
@@ -191,7 +137,7 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
             params, fps, image = _params(pipe, job)
         except (ConfigError, FileNotFoundError) as e:
             return _end(store, job, owner, "failed", error=str(e))
-        switched = _switch(pipe, job)
+        switched = switch_for_job(pipe, job.request)
         store.start(job.id, owner, asdict(params))
         t0 = time.monotonic()
         first = [t0]
@@ -262,7 +208,7 @@ def follow_job(pipe, job: Job, sync) -> None:
             raise Cancelled(i + 1, n)
 
     try:
-        _switch(pipe, job)
+        switch_for_job(pipe, job.request)
         pipe.run(params, progress, image=image)
     except Cancelled:
         pass
@@ -356,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(slot.get("threads", 1))  # the pool's share of the cores for this process
     try:
-        _lora_switcher(pipe, own)  # own data_dir: a tiny checkpoint per process, no race
+        worker_switcher(pipe, own)  # own data_dir: a tiny checkpoint per process, no race
     except Exception as e:
         if store is not None:
             try:
