@@ -142,7 +142,7 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     the normal loaders (FP8 set, then one bf16 expert read twice), every generate run writes its timings,
     and the summary states each load beside the dd rate."""
     w = tmp_path
-    env = dict(ENV, OUT=str(w / "out"), CKPT=str(w / "ckpt"), CC=str(w / "cc"), VIDEOS=str(w / "v"),
+    env = dict(ENV, OUT=str(w / "out"), CKPT=str(w / "ckpt"), COMPILE_CACHE=str(w / "cc"), VIDEOS=str(w / "v"),
                SPEC="tiny", DEVICE="cpu", DROP="0", H2D_GIB="0.01", GEN="--size 64x48 --frames 5 --steps 2",
                GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile",
                FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged",

@@ -187,6 +187,8 @@ class WorkerPool:
         env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
         if slot.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.label
+        if self.config.get("store") == "env":  # a PostgreSQL URL: by environment, never in a command line
+            env["WANFAST_STORE"] = str(self.store.path)
         port = _free_port() if slot.ranks > 1 else 0
         procs = []
         for rank in range(slot.ranks):

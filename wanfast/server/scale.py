@@ -49,10 +49,9 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
 
 def resolve_store(args: argparse.Namespace) -> None:
     """``--store``, else ``$WANFAST_STORE`` (prefer the variable for a URL with a password: ``ps`` shows
-    flags). A PostgreSQL URL is handed to the worker processes the same way, by their environment."""
+    flags). The pool hands a PostgreSQL URL to its worker processes the same way, by their environment
+    (``server.pool``), without changing this process's own."""
     args.store = args.store or os.environ.get(STORE_ENV) or None
-    if args.store is not None and is_postgres(args.store):
-        os.environ[STORE_ENV] = args.store  # inherited by the pool's processes (server.worker.main)
 
 
 def store_options(args: argparse.Namespace) -> dict:
