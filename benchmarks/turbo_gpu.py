@@ -5,11 +5,15 @@ fast mode ``--quant fp8 --self-attention fa3-fp8``, bf16 VAE, in a warm process:
 decode and the MP4 written, as ``wanfast generate`` runs them (``WanPipeline.run`` + ``video.write_mp4``).
 Per size: one warm-up run (compile, cuDNN autotuning), then ``--repeats`` timed runs.
 
+``--ulysses 2`` under ``torchrun --nproc-per-node 2`` (nvidia-h200-x2) splits every step over the GPUs
+(issue #20 part 3): rank 0 times, writes the MP4 and compares; the others run their share.
+
 Quality (random weights, so a statement about the arithmetic, not about pictures): the 4-step FP8 video
 against the 4-step bf16 video of the same weights, prompt and seed (the bf16 pipeline runs first, once per
 size, then is freed): video PSNR / SSIM and the final latents' relative error.
 
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/turbo_gpu.py --sizes 1280x720,832x480 --out turbo.json
+    PYTHONPATH=/tmp/site:$PWD torchrun --nproc-per-node 2 benchmarks/turbo_gpu.py --ulysses 2 --out t_u2.json
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 
 from wanfast.config import EngineSettings
+from wanfast.parallel import init_distributed, parallel_settings
 from wanfast.presets import sampling_overrides
 from wanfast.specs import SPECS, parse_size
 from wanfast.tools.compare import compare_latents, compare_videos
@@ -36,9 +41,14 @@ PROMPT = "a red fox trotting through fresh snow in a pine forest at dawn, cinema
 FAST = {"quant": "fp8", "self_attention_backend": "fa3-fp8"}
 
 
+RANK = [0]  # this process's rank (0 without torchrun)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0's clock covers every rank's share
 
 
 def timed_run(pipe, params, folder: Path, name: str) -> tuple[dict, object]:
@@ -48,14 +58,17 @@ def timed_run(pipe, params, folder: Path, name: str) -> tuple[dict, object]:
     result = pipe.run(params)
     _sync()
     t1 = time.perf_counter()
-    write_mp4(result.frames, folder / f"{name}.mp4", fps=pipe.defaults.fps)
+    if RANK[0] == 0:
+        write_mp4(result.frames, folder / f"{name}.mp4", fps=pipe.defaults.fps)
     total = time.perf_counter() - t0
     return {"total_s": total, "run_s": t1 - t0, "write_mp4_s": total - (t1 - t0), **result.timings}, result
 
 
 def run_engine(args, label: str, settings: EngineSettings, repeats: int, tmp: Path):
     """Build, then per size a warm-up run and ``repeats`` timed ones (0: the warm-up is the result)."""
-    spec, cuda = SPECS[args.model], args.device == "cuda"
+    spec, cuda = SPECS[args.model], args.device.startswith("cuda")
+    if args.ulysses > 1:
+        settings = parallel_settings(replace(settings, ulysses=args.ulysses, device=args.device))
     t0 = time.perf_counter()
     pipe = random_pipeline(spec, args.device, torch.bfloat16, torch.bfloat16, seed=0, settings=settings)
     out = {"build_s": time.perf_counter() - t0, "sizes": {}}
@@ -79,8 +92,9 @@ def run_engine(args, label: str, settings: EngineSettings, repeats: int, tmp: Pa
             "peak_GiB": peak,
         }
         results[(w, h)] = result
-        print(f"[{label}] {w}x{h}x{args.frames}: {best['total_s']:.2f} s end to end "
-              f"(steps {best.get('denoise', 0):.2f} s, decode {best.get('vae_decode', 0):.2f} s)", flush=True)  # fmt: skip
+        if RANK[0] == 0:
+            print(f"[{label}] {w}x{h}x{args.frames}: {best['total_s']:.2f} s end to end "
+                  f"(steps {best.get('denoise', 0):.2f} s, decode {best.get('vae_decode', 0):.2f} s)", flush=True)  # fmt: skip
     del pipe
     gc.collect()
     if cuda:
@@ -96,17 +110,27 @@ def main() -> None:
     ap.add_argument("--out", default="turbo.json")
     ap.add_argument("--model", default="t2v-A14B", help="tiny: the CPU test of this script")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--ulysses", type=int, default=1, help="split each step over this many GPUs (torchrun)")
     args = ap.parse_args()
     args.size_list = [parse_size(s) for s in args.sizes.split(",")]
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    RANK[0], local = init_distributed() if args.ulysses > 1 else (0, 0)
+    if args.device == "cuda":
+        args.device = f"cuda:{local}"
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     res: dict = {"date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("WANFAST_COMMIT", "unknown"),
                  "device": dev, "model": args.model, "torch": torch.__version__, "frames": args.frames,
-                 "preset": "lightning-4step", "fast": FAST, "vae_dtype": "bf16",
+                 "ulysses": args.ulysses, "preset": "lightning-4step", "fast": FAST, "vae_dtype": "bf16",
                  "weights": "random (quality numbers compare arithmetic, not pictures)"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         res["bf16"], ref = run_engine(args, "bf16", EngineSettings(), 0, Path(tmp))
-        fast = replace(EngineSettings(), **FAST) if args.device == "cuda" else EngineSettings(quant="fp8")
+        fast = (
+            replace(EngineSettings(), **FAST)
+            if args.device.startswith("cuda")
+            else EngineSettings(quant="fp8")
+        )
         res["turbo"], got = run_engine(args, "turbo", fast, args.repeats, Path(tmp))
+    if RANK[0] != 0:
+        return
     res["quality"] = {}
     for key in ref:
         vid, lat = (
