@@ -2,7 +2,8 @@
 
     write   real-size random-weight checkpoint parts in the official layout, shard by shard (random tensors
             made on --device, one shard in host memory at a time): --what rest (UMT5 .pth, VAE .pth,
-            tokenizer), fp8 (both experts as `wanfast quantize` writes them), bf16-expert (one bf16 expert
+            tokenizer), fp8 (both experts as `wanfast quantize` writes them), bf16 (both bf16 experts: the
+            whole set, for the 128 GiB disk of nvidia-h200-x2), bf16-expert (one bf16 expert
             folder; with --link-low the low-noise folder is a link to it, so one process reads the same
             files twice: once as they are on disk, once from the page cache)
     dd      the sequential read rate of files (dd to /dev/null, 16 MiB blocks, one file after the other)
@@ -239,7 +240,7 @@ def main() -> None:
     w = sub.add_parser("write")
     w.add_argument("--spec", default="t2v-A14B")
     w.add_argument("--root", required=True)
-    w.add_argument("--what", choices=["rest", "fp8", "bf16-expert"], required=True)
+    w.add_argument("--what", choices=["rest", "fp8", "bf16", "bf16-expert"], required=True)
     w.add_argument("--link-low", action="store_true")
     w.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     w.add_argument("--seed", type=int, default=0)

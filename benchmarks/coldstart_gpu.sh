@@ -6,6 +6,8 @@
 #   bash benchmarks/coldstart_gpu.sh write-bf16 COMMIT  # FP8 experts out, one bf16 expert in (28.6 GB)
 #   bash benchmarks/coldstart_gpu.sh bf16 COMMIT        # dd cold, 2 generate runs (no compile) (~2 min)
 #   bash benchmarks/coldstart_gpu.sh summary COMMIT     # $OUT/coldstart/summary.json
+#   bash benchmarks/coldstart_gpu.sh write-bf16-full COMMIT; ... bf16-full COMMIT   # nvidia-h200-x2 only: the
+#                                                       # whole bf16 set (~68 GB), cold then warm, compiled
 #   bash benchmarks/coldstart_gpu.sh all COMMIT         # the five in a row (for the CPU test; too long on GPU)
 # Checkpoints: random weights at real dims in the official layout (benchmarks/coldstart_gpu.py write), under
 # $CKPT (default /tmp/wf/cold/ckpt: local disk). The bf16 set is one expert whose low-noise folder links to
@@ -42,6 +44,7 @@ DEVICE=${DEVICE:-cuda}
 PROMPT=${PROMPT:-a red fox running through fresh snow at dawn}
 read -r -a gen_flags <<< "${GEN:---size 832x480 --frames 81 --sampling-preset lightning-4step --self-attention fa3-fp8}"
 read -r -a bf16_flags <<< "${GEN_BF16:---size 832x480 --frames 81 --sampling-preset lightning-4step --no-compile}"
+read -r -a bf16_full_flags <<< "${GEN_BF16_FULL:---size 832x480 --frames 81 --sampling-preset lightning-4step}"
 helper=(python3 benchmarks/coldstart_gpu.py)
 mkdir -p "$o" "$CKPT" "$VIDEOS"
 
@@ -93,6 +96,20 @@ fp8)
         *) echo "unknown FP8 run $run" >&2 ;;
         esac
     done
+    ;;
+write-bf16-full)  # both bf16 experts (~57 GB) beside UMT5 + VAE: nvidia-h200-x2's disk (issue #20)
+    rm -rf "$CKPT"/high_noise_model "$CKPT"/low_noise_model
+    "${helper[@]}" write --spec "$SPEC" --root "$CKPT" --what rest --device "$DEVICE" --out "$o/write_rest.json"
+    "${helper[@]}" write --spec "$SPEC" --root "$CKPT" --what bf16 --device "$DEVICE" --out "$o/write_bf16.json"
+    df -h "$CKPT" | tail -n 1
+    ;;
+bf16-full)
+    if [ "${SKIP_DD:-0}" != 1 ]; then
+        printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_bf16_full_cold.json"
+        "${helper[@]}" dd "$CKPT" --out "$o/dd_bf16_full_cold.json"
+    fi
+    gen bf16_full_cold cold fresh "${bf16_full_flags[@]}"
+    gen bf16_full_warm warm keep "${bf16_full_flags[@]}"
     ;;
 write-bf16)
     rm -rf "$CKPT"/high_noise_model "$CKPT"/low_noise_model
