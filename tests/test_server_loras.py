@@ -292,3 +292,28 @@ def test_an_fp8_worker_requantises_each_set_as_a_fresh_fp8_build(tmp_path, libra
             got = read_mp4(tmp_path / f"got{i}.mp4")[0]
             want = _reference_frames(tmp_path, loras, library, body, quant="fp8")
             assert (got == want).all(), (i, loras)
+
+
+def test_a_worker_without_a_library_fails_a_job_naming_loras():
+    """An API process with a library in front of a `wanfast worker` started without one: the job fails with
+    the reason, it never runs without its LoRAs (the same check on every rank: ``_params``)."""
+    from types import SimpleNamespace
+
+    from wanfast.server.jobdb import Job
+    from wanfast.server.worker import _params
+
+    fields = dict.fromkeys(Job.__dataclass_fields__)
+    job = Job(**{**fields, "request": {"prompt": "a cat", "loras": [{"name": "x", "high_noise": 1.0}]}})
+    with pytest.raises(ConfigError, match="no LoRA library .*--lora-dir"):
+        _params(SimpleNamespace(lora_switcher=None), job)
+
+
+def test_wanfast_worker_takes_the_pool_flags_of_serve():
+    """`wanfast worker` runs the same pool as `wanfast serve`: the LoRA library and warm sizes too."""
+    from wanfast.cli import build_parser
+
+    flags = ("--lora-dir", "L", "--lora-max-overtaken", "2", "--warm-sizes", "64x48x5", "--workers", "2")
+    for command in ("serve", "worker"):
+        args = build_parser().parse_args([command, "--model", "tiny", *flags])
+        assert (str(args.lora_dir), args.lora_max_overtaken, args.warm_sizes, args.workers) == (
+            "L", 2, "64x48x5", 2)  # fmt: skip

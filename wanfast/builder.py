@@ -208,14 +208,11 @@ def build(p: BuildPlan):
 def assemble(spec: ModelSpec, text_encoder, experts: dict, vae, settings: EngineSettings):
     """Loaded (or random-weight, ``tools.synthetic``) components -> the ready ``WanPipeline``: accel, then
     the multi-GPU split, then the memory mode (module docstring). ``settings`` must be resolved."""
-    from wanfast.accel import optimize_pipeline
+    from wanfast.accel import compiles, optimize_pipeline
     from wanfast.pipeline import WanPipeline
 
     pipe = optimize_pipeline(WanPipeline(spec, text_encoder, experts, vae, settings))
-    compiled = (
-        settings.compile if settings.compile is not None else torch.device(settings.device).type == "cuda"
-    )
-    if compiled and settings.compile_cache:  # before the first forward compiles anything
+    if compiles(settings) and settings.compile_cache:  # before the first forward compiles anything
         from wanfast.accel.compile_cache import compile_cache_for
         from wanfast.accel.fp8 import fp8_modules
 

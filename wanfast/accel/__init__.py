@@ -47,7 +47,7 @@ from wanfast.models.dit import WanDiT
 
 log = logging.getLogger("wanfast.accel")
 
-__all__ = ["optimize_dit", "optimize_pipeline", "reset_caches", "choose_attention"]
+__all__ = ["compiles", "optimize_dit", "optimize_pipeline", "reset_caches", "choose_attention"]
 
 
 def choose_attention(settings: EngineSettings) -> str:
@@ -62,16 +62,19 @@ def choose_attention(settings: EngineSettings) -> str:
     return name
 
 
+def compiles(settings: EngineSettings) -> bool:
+    """Whether the DiT blocks are compiled: ``settings.compile``, by default on CUDA. Decided by where the
+    DiT will run, not where its weights sit now: offload modes build experts on the CPU and stream them."""
+    return settings.compile if settings.compile is not None else torch.device(settings.device).type == "cuda"
+
+
 def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str = "inductor") -> nn.Module:
     """Apply the enabled optimisations to ``dit`` in place, in the module docstring's order. Returns the
     module to call: ``dit`` itself, or a ``CUDAGraphDiT`` wrapping it when ``settings.cuda_graphs``."""
     if caches_of(dit) or isinstance(dit, CUDAGraphDiT):
         raise ValueError("this DiT is already optimised; optimize_dit applies to a plain one, once")
     device = next(dit.parameters()).device
-    # Decided by where the DiT will run, not where its weights sit now: offload modes build experts on
-    # the CPU and stream them to the GPU.
-    run_on_cuda = torch.device(settings.device).type == "cuda"
-    use_compile = settings.compile if settings.compile is not None else run_on_cuda
+    use_compile = compiles(settings)
     if settings.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs the DiT on a CUDA device, not {device}")
     applied = []

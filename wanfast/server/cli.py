@@ -41,10 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body (default 64 KiB; 32 MiB for a model that takes an image)")  # fmt: skip
     add_engine_flags(p)  # the same engine flags as generate
-    p.add_argument("--warm-sizes", default=None, metavar="WxHxF[,...]",
-                   help="each worker runs these sizes once (compiling them) before /health says it is ready")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add_pool_and_door_flags(p)
+    add_pool_flags(p)
+    add_door_flags(p)
     from wanfast.server.scale import add_store_flags
 
     add_store_flags(p)
@@ -52,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the HTTP service without workers (needs a PostgreSQL --store shared with `wanfast worker`)")  # fmt: skip
 
 
-def add_pool_and_door_flags(p: argparse.ArgumentParser) -> None:
-    """The worker pool (``server.pool``) and what the door lets in (``server.app``)."""
+def add_pool_flags(p: argparse.ArgumentParser) -> None:
+    """The worker pool (``server.pool``): what ``wanfast serve`` and ``wanfast worker`` both run."""
     pool = p.add_argument_group("worker pool")
     pool.add_argument("--gpus", default=None, metavar="LIST",
                       help="CUDA devices to use, e.g. 0,1,2,3: one worker per GPU (or per --gpus-per-worker)")  # fmt: skip
@@ -63,15 +62,10 @@ def add_pool_and_door_flags(p: argparse.ArgumentParser) -> None:
                       help="worker processes without --gpus (CPU, or the default GPU; default 1)")  # fmt: skip
     pool.add_argument("--worker-timeout", type=float, default=30.0, metavar="S",
                       help="a worker with no heartbeat for S seconds (hung, or stopped) is replaced (default 30)")  # fmt: skip
-    door = p.add_argument_group("requests")
-    door.add_argument("--allowed-hosts", default=None, metavar="LIST",
-                      help="Host header names answered, e.g. video.example.com,*.corp or * for any (default: "
-                      "the loopback names when bound to loopback, else any)")  # fmt: skip
-    door.add_argument("--max-pixel-frames", type=int, default=None, metavar="N",
-                      help="largest width x height x frames of one request (default 2.5x the model's default "
-                      "request: 186,624,000 for A14B, e.g. 1920x1088 x 81)")  # fmt: skip
-    door.add_argument("--max-steps", type=int, default=None, metavar="N",
-                      help="most sampling steps of one request (default 2.5x the model's default: 100 for A14B)")  # fmt: skip
+    pool.add_argument("--db-timeout", type=float, default=30.0, metavar="S",
+                      help="seconds a job-database write waits for its lock before it fails (default 30)")  # fmt: skip
+    pool.add_argument("--warm-sizes", default=None, metavar="WxHxF[,...]",
+                      help="each worker runs these sizes once (compiling them) before /health says it is ready")  # fmt: skip
     lib = p.add_argument_group("LoRA library")
     lib.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
                      help="a folder of LoRA .safetensors files that requests may name (GET /v1/loras); each "
@@ -81,8 +75,34 @@ def add_pool_and_door_flags(p: argparse.ArgumentParser) -> None:
     lib.add_argument("--lora-max-overtaken", type=int, default=4, metavar="N",
                      help="a worker prefers queued jobs with the LoRA set it holds, but a job is overtaken by "
                      "at most N newer ones (default 4; 0: strict submission order)")  # fmt: skip
-    door.add_argument("--db-timeout", type=float, default=30.0, metavar="S",
-                      help="seconds a job-database write waits for its lock before it fails (default 30)")  # fmt: skip
+
+
+def add_door_flags(p: argparse.ArgumentParser) -> None:
+    """What the door lets in (``server.app``)."""
+    door = p.add_argument_group("requests")
+    door.add_argument("--allowed-hosts", default=None, metavar="LIST",
+                      help="Host header names answered, e.g. video.example.com,*.corp or * for any (default: "
+                      "the loopback names when bound to loopback, else any)")  # fmt: skip
+    door.add_argument("--max-pixel-frames", type=int, default=None, metavar="N",
+                      help="largest width x height x frames of one request (default 2.5x the model's default "
+                      "request: 186,624,000 for A14B, e.g. 1920x1088 x 81)")  # fmt: skip
+    door.add_argument("--max-steps", type=int, default=None, metavar="N",
+                      help="most sampling steps of one request (default 2.5x the model's default: 100 for A14B)")  # fmt: skip
+
+
+def check_pool_args(args: argparse.Namespace, model):
+    """What a pool's workers would only find out one by one, checked once at start against ``model`` (an
+    ``open_model`` result): the LoRA library (returned, or None) and ``--warm-sizes`` (parsed into
+    ``args.warm_size_list`` for ``worker_config``)."""
+    library = open_lora_library(args, model)  # a broken LoRA file fails here, not in a job
+    if library is not None:
+        log.info("LoRA library %s: %s", args.lora_dir, ", ".join(library.entries))
+    args.warm_size_list = None
+    if getattr(args, "warm_sizes", None):
+        from wanfast.server.warmup import parse_warm_sizes
+
+        args.warm_size_list = parse_warm_sizes(args.warm_sizes, model.spec)  # a bad size fails here
+    return library
 
 
 def _lock(data_dir: Path):
@@ -115,11 +135,8 @@ def worker_config(args: argparse.Namespace, data_dir: Path) -> dict:
 
         # the URL itself by environment (scale.resolve_store): a password in a command line shows in ps
         cfg.update(store="env", store_options=store_options(args))
-    if getattr(args, "warm_sizes", None):  # checked by serve_main; [[w, h, frames], ...]
-        from wanfast.builder import open_model
-        from wanfast.server.warmup import parse_warm_sizes
-
-        cfg["warm_sizes"] = [list(s) for s in parse_warm_sizes(args.warm_sizes, open_model(source).spec)]
+    if getattr(args, "warm_size_list", None):  # parsed by check_pool_args; [[w, h, frames], ...]
+        cfg["warm_sizes"] = [list(s) for s in args.warm_size_list]
     return cfg
 
 
@@ -209,9 +226,7 @@ def serve_main(args: argparse.Namespace) -> int:
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a worker restart loop
     if not args.api_only:  # (an API-only host need not have the workers' devices)
         plan(model, engine_settings(args))  # as do unavailable attention backends and a budget nothing fits
-    library = open_lora_library(args, model)  # a broken LoRA file fails here, not in a job
-    if library is not None:
-        log.info("LoRA library %s: %s", args.lora_dir, ", ".join(library.entries))
+    library = check_pool_args(args, model)
     max_body = args.max_body_bytes or (64 * 1024 if model.spec.image == "none" else 32 * 2**20)
     resolve_store(args)
     options = store_options(args)

@@ -122,6 +122,7 @@ def _exit_cleanly(signum: int, frame) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from wanfast.flags import add_engine_flags, add_model_source
+    from wanfast.server.cli import add_pool_flags
 
     p = sub.add_parser("worker", help="run a worker pool on a shared PostgreSQL job store, no HTTP")
     p.set_defaults(func=worker_main)
@@ -129,20 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, default=Path("wanfast-data"),
                    help="this host's scratch: videos being written, worker logs (default wanfast-data)")  # fmt: skip
     add_engine_flags(p)
-    pool = p.add_argument_group("worker pool")
-    pool.add_argument(
-        "--gpus", default=None, metavar="LIST", help="CUDA devices, e.g. 0,1,2,3: one worker per GPU"
-    )
-    pool.add_argument(
-        "--gpus-per-worker", type=int, default=1, metavar="K", help="GPUs per worker (default 1)"
-    )
-    pool.add_argument(
-        "--workers", type=int, default=None, metavar="N", help="workers without --gpus (default 1)"
-    )
-    pool.add_argument("--worker-timeout", type=float, default=30.0, metavar="S",
-                      help="a worker with no heartbeat for S seconds is replaced (default 30)")  # fmt: skip
-    pool.add_argument("--db-timeout", type=float, default=30.0, metavar="S",
-                      help="seconds a job-store statement waits for a lock before it fails (default 30)")  # fmt: skip
+    add_pool_flags(p)  # the pool flags of `wanfast serve`, LoRA library and warm sizes included
     add_store_flags(p)
 
 
@@ -150,7 +138,7 @@ def worker_main(args: argparse.Namespace) -> int:
     """``wanfast worker``: the pool of ``wanfast serve`` without its web process, until SIGINT/SIGTERM."""
     from wanfast.builder import open_model, plan
     from wanfast.flags import engine_settings
-    from wanfast.server.cli import _lock, _pool_plan, worker_config
+    from wanfast.server.cli import _lock, _pool_plan, check_pool_args, worker_config
     from wanfast.server.jobs import open_store
     from wanfast.server.pool import WorkerPool
 
@@ -159,6 +147,7 @@ def worker_main(args: argparse.Namespace) -> int:
     options = store_options(args)
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a restart loop
     plan(model, engine_settings(args))
+    check_pool_args(args, model)
     slots = pool_slots(args, _pool_plan(args, model.spec.dit.num_heads))
     if min(args.worker_timeout, args.db_timeout) <= 0:
         raise ConfigError("--worker-timeout and --db-timeout must be > 0")

@@ -112,9 +112,16 @@ def _end(store: JobStore, job: Job, owner: str, state: str, **details) -> str:
 
 def _params(pipe, job: Job):
     """The job's ``SamplingParams`` with the loaded model's rules, its frame rate and its image (a
-    ``PIL.Image``, or None). Raises ``ConfigError`` (``FileNotFoundError`` for a vanished image)."""
+    ``PIL.Image``, or None); its LoRAs are merged by ``switch_for_job``. Raises ``ConfigError``
+    (``FileNotFoundError`` for a vanished image)."""
+    from wanfast.config import ConfigError
+
     request = dict(job.request)
-    request.pop("loras", None)  # merged into the weights by switch_for_job
+    if request.pop("loras", None) and getattr(pipe, "lora_switcher", None) is None:
+        # an API process with a library in front of a worker without one: never run without the LoRAs
+        raise ConfigError(
+            "the job names LoRAs but this worker has no LoRA library (start it with --lora-dir)"
+        )
     fps = request.pop("fps", None) or pipe.defaults.fps
     image_path = request.pop("image", None)
     image = None
