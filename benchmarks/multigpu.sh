@@ -20,8 +20,8 @@ declare -A procs=([one]=1 [cfg2]=2 [u2]=2 [cfg2xu2]=4 [u4]=4 [cfg2xu4]=8 [u8]=8)
 for split in one cfg2 u2 cfg2xu2 u4 cfg2xu4 u8; do
     p=${procs[$split]}
     [ "$p" -le "$n" ] || continue
-    what=forward,step,generate
-    [ "$split" = one ] && what=forward,step  # one GPU, 40 steps at 720p: 806 s measured (BENCHMARKS.md)
+    what=${WHAT:-forward,step,generate}  # WHAT=forward,step: the table without the 40-step generations
+    [ "$split" = one ] && what=${what/,generate/}  # one GPU, 40 steps at 720p: 806 s measured (BENCHMARKS.md)
     torchrun --nproc-per-node "$p" --master-port $((29500 + p)) benchmarks/multigpu_gpu.py --split "$split" \
         --out "$out/multigpu_$split.json" --steps "$steps" --what "$what" 2>&1 | grep -v "^W\|OMP_NUM" | tail -n 4
 done

@@ -4,7 +4,8 @@
 #   bash benchmarks/x2_gpu.sh pool COMMIT      # pool_gpu.sh throughput (2 workers vs 1, eight 832x480x81 jobs)
 #                                              # and group (one CFG-parallel worker over both GPUs, 1280x720x81)
 #   bash benchmarks/x2_gpu.sh table COMMIT     # multigpu.sh 2: forward, guided step (and 40-step generation)
-#                                              # at 832x480 and 1280x720 for one GPU, cfg2 and u2 (STEPS, default 40)
+#                                              # at 832x480 and 1280x720 for one GPU, cfg2 and u2 (STEPS, default 40;
+#                                              # WHAT=forward,step leaves the generations out)
 #   bash benchmarks/x2_gpu.sh turbo COMMIT     # turbo_gpu.py --ulysses 2: 4-step FP8 preset end to end, <= 15 s
 #   bash benchmarks/x2_gpu.sh cold COMMIT      # coldstart_gpu.sh with both bf16 experts + UMT5 + VAE (~68 GB)
 # Carry the wheels file by file (64 MiB in all): fa3-fwd, av, ftfy, wcwidth (+ diffusers only for peers).
@@ -19,7 +20,8 @@ d=/tmp/wf/x2_$stage
 rm -rf "$d"
 case "$stage" in
 pool)
-    run=(bash -c "OUT=$d bash benchmarks/pool_gpu.sh throughput $commit; OUT=$d bash benchmarks/pool_gpu.sh group $commit") ;;
+    # POOL_ARGS (e.g. "--jobs 4 --steps 4") go to pool_gpu.py for both parts
+    run=(bash -c "OUT=$d bash benchmarks/pool_gpu.sh throughput $commit ${POOL_ARGS:-}; OUT=$d bash benchmarks/pool_gpu.sh group $commit ${POOL_ARGS:-}") ;;
 table)
     run=(env OUT="$d" bash benchmarks/multigpu.sh 2 "$commit" "${STEPS:-40}") ;;
 turbo)
