@@ -8,6 +8,8 @@
             files twice: once as they are on disk, once from the page cache)
     dd      the sequential read rate of files (dd to /dev/null, 16 MiB blocks, one file after the other)
     h2d     host -> device copy rate: pinned and pageable sources, one big copy
+    serve   a fresh `wanfast serve` from start to /health 200 with its --warm-sizes warm (the readiness a
+            load balancer sees), polled every 0.1 s; the server is stopped after
     summary all the JSON of a run in one file, each load stated against the dd rate of its bytes
 
 The weights are random (timing only). The FP8 experts hold e4m3 weights with per-output-channel scales
@@ -207,6 +209,50 @@ def cmd_h2d(a: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_serve(a: argparse.Namespace) -> dict:
+    import signal
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    data = Path(tempfile.mkdtemp(prefix="wanfast-serve-cold-"))
+    cmd = ["python3", "-m", "wanfast", "serve", "--ckpt-dir", a.ckpt, "--port", str(a.port), "--data-dir",
+           str(data), "--warm-sizes", a.warm_sizes, *a.engine.split()]  # fmt: skip
+    log = open(Path(a.out).with_suffix(".log"), "w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first_answer = ready = None
+    body: dict = {}
+    try:
+        while time.perf_counter() - t0 < a.timeout and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{a.port}/health", timeout=2) as r:
+                    body, code = json.loads(r.read()), r.status
+            except urllib.error.HTTPError as e:
+                body, code = json.loads(e.read() or b"{}"), e.code
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                code = None
+            now = time.perf_counter() - t0
+            if code is not None and first_answer is None:
+                first_answer = now
+            warm = [s for w in body.get("workers", []) for s in (w.get("warm_sizes") or [])]
+            if code == 200 and all(s in warm for s in a.warm_sizes.split(",")):
+                ready = now
+                break
+            time.sleep(0.1)
+    finally:
+        exited = proc.poll()  # a server that stopped on its own: its log says why
+        if exited is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(data, ignore_errors=True)
+    return {"cmd": cmd, "first_health_answer_s": first_answer, "ready_s": ready, "health": body,
+            "exited_by_itself": exited, "exit_code_after_stop": proc.returncode}  # fmt: skip
+
+
 def cmd_summary(a: argparse.Namespace) -> dict:
     """Every JSON under the run folder, and per generate run the load spans against the dd rates."""
     folder = Path(a.folder)
@@ -250,12 +296,19 @@ def main() -> None:
     h = sub.add_parser("h2d")
     h.add_argument("--gib", type=float, default=4.0)
     h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v = sub.add_parser("serve")
+    v.add_argument("--ckpt", required=True)
+    v.add_argument("--warm-sizes", default="832x480x81")
+    v.add_argument("--engine", default="", help="more `wanfast serve` flags (device, compile cache, ...)")
+    v.add_argument("--port", type=int, default=8765)
+    v.add_argument("--timeout", type=float, default=300.0)
     s = sub.add_parser("summary")
     s.add_argument("folder")
-    for p in (w, d, h, s):
+    for p in (w, d, h, v, s):
         p.add_argument("--out", required=True)
     a = ap.parse_args()
-    result = {"write": cmd_write, "dd": cmd_dd, "h2d": cmd_h2d, "summary": cmd_summary}[a.cmd](a)
+    cmds = {"write": cmd_write, "dd": cmd_dd, "h2d": cmd_h2d, "serve": cmd_serve, "summary": cmd_summary}
+    result = cmds[a.cmd](a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({k: v for k, v in result.items() if k not in ("parts", "files")}, default=str)[:2000])

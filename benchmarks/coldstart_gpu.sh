@@ -5,6 +5,8 @@
 #   bash benchmarks/coldstart_gpu.sh fp8 COMMIT         # h2d probe, dd cold/warm, 4 generate runs (~5 min)
 #   bash benchmarks/coldstart_gpu.sh write-bf16 COMMIT  # FP8 experts out, one bf16 expert in (28.6 GB)
 #   bash benchmarks/coldstart_gpu.sh bf16 COMMIT        # dd cold, 2 generate runs (no compile) (~2 min)
+#   bash benchmarks/coldstart_gpu.sh serve COMMIT       # `wanfast serve` to ready (warm page cache, compile
+#                                                       # cache from the fp8 stage): SERVE_RUNS, WARM_SIZES
 #   bash benchmarks/coldstart_gpu.sh summary COMMIT     # $OUT/coldstart/summary.json
 #   bash benchmarks/coldstart_gpu.sh write-bf16-full COMMIT; ... bf16-full COMMIT   # nvidia-h200-x2 only: the
 #                                                       # whole bf16 set (~68 GB), cold then warm, compiled
@@ -17,7 +19,9 @@
 #   fp8_cold_compile   page cache cold, empty --compile-cache: the first process on a fresh machine
 #   fp8_warm_cached    page cache warm, the compile cache from the run before (a second process)
 #   fp8_cold_cached    page cache cold, compile cache filled: a restart after the cache was built
-#   fp8_warm_staged    as warm_cached with WANFAST_STAGED_LOAD=1 (large reads into pinned buffers, one copy)
+#   fp8_warm_staged    as warm_cached with WANFAST_STAGED_LOAD=1 (parallel reads into pinned buffers; the
+#                      default on CUDA since 2026-11-30 evening)
+#   fp8_warm_mapped / fp8_cold_mapped (not default): WANFAST_STAGED_LOAD=0, the mapped files' copies
 #   fp8_warm_serial    (not default) as warm_cached with WANFAST_LOAD_THREADS=0: text encoder after the experts
 #   fp8_cold_staged    (not default) as cold_cached with WANFAST_STAGED_LOAD=1
 #   bf16_cold          one bf16 expert read from disk (high) and then from the page cache (low: a link), UMT5 and
@@ -92,6 +96,8 @@ fp8)
         cold_cached) gen fp8_cold_cached cold keep "${gen_flags[@]}" ;;
         warm_serial) WANFAST_LOAD_THREADS=0 gen fp8_warm_serial warm keep "${gen_flags[@]}" ;;
         warm_staged) WANFAST_STAGED_LOAD=1 gen fp8_warm_staged warm keep "${gen_flags[@]}" ;;
+        warm_mapped) WANFAST_STAGED_LOAD=0 gen fp8_warm_mapped warm keep "${gen_flags[@]}" ;;
+        cold_mapped) WANFAST_STAGED_LOAD=0 gen fp8_cold_mapped cold keep "${gen_flags[@]}" ;;
         cold_staged) WANFAST_STAGED_LOAD=1 gen fp8_cold_staged cold keep "${gen_flags[@]}" ;;
         *) echo "unknown FP8 run $run" >&2 ;;
         esac
@@ -129,14 +135,22 @@ bf16)
         esac
     done
     ;;
+serve)  # SERVE_RUNS: "cached" (the fp8 stage's compile cache) and/or "nocache" (compiles at start)
+    for run in ${SERVE_RUNS:-cached}; do
+        cc=(); [ "$run" = cached ] && cc=(--compile-cache "$COMPILE_CACHE")
+        "${helper[@]}" serve --ckpt "$CKPT" --warm-sizes "${WARM_SIZES:-832x480x81}" \
+            --engine "--device $DEVICE ${SERVE_ENGINE---self-attention fa3-fp8} ${cc[*]}" --out "$o/serve_$run.json"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('serve', sys.argv[2], d['ready_s'], d['health'].get('status'))" "$o/serve_$run.json" "$run"
+    done
+    ;;
 summary)
     "${helper[@]}" summary "$o" --out "$o/summary.json"
     ;;
 all)
-    for s in write-fp8 fp8 write-bf16 bf16 summary; do bash "$0" "$s" "$WANFAST_COMMIT" || exit $?; done
+    for s in write-fp8 fp8 serve write-bf16 bf16 summary; do bash "$0" "$s" "$WANFAST_COMMIT" || exit $?; done
     ;;
 *)
-    echo "usage: $0 write-fp8|fp8|write-bf16|bf16|summary|all [COMMIT]" >&2
+    echo "usage: $0 write-fp8|fp8|serve|write-bf16|bf16|write-bf16-full|bf16-full|summary|all [COMMIT]" >&2
     exit 2
     ;;
 esac

@@ -145,17 +145,23 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     env = dict(ENV, OUT=str(w / "out"), CKPT=str(w / "ckpt"), COMPILE_CACHE=str(w / "cc"), VIDEOS=str(w / "v"),
                SPEC="tiny", DEVICE="cpu", DROP="0", H2D_GIB="0.01", GEN="--size 64x48 --frames 5 --steps 2",
                GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile",
-               FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged",
+               FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged warm_mapped",
+               SERVE_RUNS="cached nocache", WARM_SIZES="64x48x5", SERVE_ENGINE="",
                BF16_RUNS="cold warm cold_staged")  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "coldstart_gpu.sh"), "all", "test"],
                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     o = w / "out" / "coldstart"
     runs = ["fp8_cold_compile", "fp8_warm_cached", "fp8_cold_cached", "fp8_warm_serial", "fp8_warm_staged",
-            "fp8_cold_staged", "bf16_cold", "bf16_warm", "bf16_cold_staged"]  # fmt: skip
+            "fp8_cold_staged", "fp8_warm_mapped", "bf16_cold", "bf16_warm", "bf16_cold_staged"]  # fmt: skip
     for name in runs:
         meta = json.loads((o / f"meta_{name}.json").read_text())
         assert meta["rc"] == 0 and meta["dropped"] == 0, (name, (o / f"gen_{name}.log").read_text()[-2000:])
+    for run in ("cached", "nocache"):  # `wanfast serve` reached /health 200 with its warm size warm
+        serve = json.loads((o / f"serve_{run}.json").read_text())
+        assert serve["ready_s"] > 0 and serve["health"]["status"] == "ok", (run, serve)
+        assert serve["health"]["workers"][0]["warm_sizes"] == ["64x48x5"]
+        assert ("--compile-cache" in serve["cmd"]) == (run == "cached")
     summary = json.loads((o / "summary.json").read_text())
     assert set(summary["runs"]) == {f"gen_{n}.json" for n in runs}
     fp8 = summary["runs"]["gen_fp8_warm_cached.json"]["loads"]
@@ -191,8 +197,8 @@ def test_staged_reads_equal_mapped_reads(tiny_official, tmp_path):
             safetensors_files(tmp_path / "fp8", "diffusion_pytorch_model"), [tmp_path / "mixed.safetensors"]]  # fmt: skip
     for files in sets:
         ref = read_safetensors(files)
-        for stage_bytes in (1 << 30, 4096, 1):
-            got = read_staged(files, "cpu", stage_bytes)
+        for stage_bytes, readers in ((1 << 30, 1), (4096, 3), (97, 8)):  # one range; ranges split tensors
+            got = read_staged(files, "cpu", stage_bytes, readers)
             assert got.keys() == ref.keys()
             for k, t in ref.items():
                 assert got[k].dtype == t.dtype and got[k].shape == t.shape, k

@@ -212,6 +212,8 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
     import json
     from pathlib import Path
 
+    from wanfast.loading.checkpoint import load_readers, staged_load_enabled
+
     mark("mp4")
     out = report(
         result.timings if result is not None else None,
@@ -222,7 +224,8 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
         params=None if result is None else {"width": result.params.width, "height": result.params.height,
                                             "frames": result.params.frames, "steps": result.params.steps},
         load_threads=os.environ.get("WANFAST_LOAD_THREADS", "1") != "0",
-        staged_load=os.environ.get("WANFAST_STAGED_LOAD", "0") == "1",
+        staged_load=staged_load_enabled(plan.settings.resolved().device),
+        load_readers=load_readers(),
         pid=os.getpid(),
     )  # fmt: skip
     Path(path).parent.mkdir(parents=True, exist_ok=True)

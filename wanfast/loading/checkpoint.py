@@ -95,22 +95,38 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def read_safetensors(files: list[Path], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of ``files``: CPU tensors backed by the mapped files, or, with ``device`` given and
-    ``WANFAST_STAGED_LOAD=1``, tensors already on ``device`` (``read_staged``). The same bytes either way."""
-    if device is not None and staged_load_enabled():
+    """Every tensor of ``files``: with ``device`` given and staged loading on (``staged_load_enabled``),
+    tensors already on ``device`` (``read_staged``); else CPU tensors backed by the mapped files. The same
+    bytes either way."""
+    if device is not None and staged_load_enabled(device):
         return read_staged(files, device)
     return dict(iter_safetensors(files))
 
 
-def staged_load_enabled() -> bool:
-    return os.environ.get("WANFAST_STAGED_LOAD", "0") == "1"
+def staged_load_enabled(device: str | torch.device) -> bool:
+    """``WANFAST_STAGED_LOAD``: 1 on, 0 off; unset: on for CUDA devices (parallel reads into pinned buffers
+    measured faster than the mapped files' page-fault-driven copies, BENCHMARKS.md "Cold start")."""
+    flag = os.environ.get("WANFAST_STAGED_LOAD", "")
+    if flag in ("0", "1"):
+        return flag == "1"
+    return torch.device(device).type == "cuda"
+
+
+def load_readers() -> int:
+    """Reader threads of ``read_staged`` (``WANFAST_LOAD_READERS``; default min(8, CPUs)): one thread's
+    page-cache copy runs at ~6 GB/s on the H200 hosts, the GPU copy engine at ~55 GB/s."""
+    env = os.environ.get("WANFAST_LOAD_READERS", "")
+    n = int(env) if env.strip() else min(8, os.cpu_count() or 1)
+    if n < 1:
+        raise ValueError(f"WANFAST_LOAD_READERS must be >= 1, got {env!r}")
+    return n
 
 
 # safetensors dtype names -> torch dtypes
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
-STAGE_BYTES = 256 * 2**20  # one read: large enough for disk and copy engines, two in flight
+STAGE_BYTES = 32 * 2**20  # one read: large for the disk and the copy engine; 2 per reader thread in flight
 
 
 def _header(path: Path) -> tuple[int, dict]:
@@ -120,62 +136,107 @@ def _header(path: Path) -> tuple[int, dict]:
         return 8 + n, json.loads(f.read(n))
 
 
-def read_staged(
-    files: list[Path], device: str | torch.device, stage_bytes: int = STAGE_BYTES
-) -> dict[str, torch.Tensor]:
-    """Every tensor of ``files`` on ``device``, read with large sequential reads (no page-fault-driven mmap
-    copies): runs of neighbouring tensors up to ``stage_bytes`` are read into a staging buffer (pinned for
-    CUDA, two alternating so one read overlaps the other's copies), then each tensor is copied into its own
-    allocation on ``device``. Tensors keep the file's dtype; bytes are copied verbatim."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
+def _pread(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            raise CheckpointError(f"truncated safetensors file {path}")
+        got += n
+
+
+def _plan_chunks(files: list[Path], device: torch.device, stage_bytes: int) -> tuple[dict, list]:
+    """Every tensor allocated on ``device`` (on this thread: the default stream owns the memory), and the
+    files' data sections cut into byte ranges of at most ``stage_bytes``, each with the tensor pieces it
+    fills: (path, file offset, length, [(dst uint8 [n] view, offset in the range)])."""
     out: dict[str, torch.Tensor] = {}
-    stages: list[torch.Tensor] = []
-    events: list = [None, None]
-    turn = 0
+    chunks: list[tuple[Path, int, int, list]] = []
     for path in files:
         base, header = _header(path)
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])  # fmt: skip
-        runs: list[list] = []
-        for key, meta in entries:  # consecutive tensors, each run at most stage_bytes (or one big tensor)
+        spans = []
+        for key, meta in entries:
+            if meta["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
+            out[key] = dst = torch.empty(meta["shape"], dtype=_ST_DTYPES[meta["dtype"]], device=device)
             start, end = meta["data_offsets"]
-            if not runs or end - runs[-1][0][1]["data_offsets"][0] > stage_bytes:
-                runs.append([])
-            runs[-1].append((key, meta))
-        with open(path, "rb", buffering=0) as f:
-            for run in runs:
-                a, b = run[0][1]["data_offsets"][0], run[-1][1]["data_offsets"][1]
-                if events[turn] is not None:
-                    events[turn].synchronize()  # this buffer's earlier copies are done: it may be refilled
-                if len(stages) <= turn or stages[turn].numel() < b - a:
-                    size = max(b - a, stage_bytes)
-                    if len(stages) <= turn:
-                        stages.append(torch.empty(size, dtype=torch.uint8, pin_memory=cuda))
-                    else:
-                        stages[turn] = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
-                stage = stages[turn]
-                view, got = memoryview(stage.numpy())[: b - a], 0
-                f.seek(base + a)
-                while got < b - a:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise CheckpointError(f"truncated safetensors file {path}")
-                    got += n
-                for key, meta in run:
-                    start, end = meta["data_offsets"]
-                    if meta["dtype"] not in _ST_DTYPES:
-                        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
-                    dst = torch.empty(meta["shape"], dtype=_ST_DTYPES[meta["dtype"]], device=device)
-                    if end > start:
-                        dst.reshape(-1).view(torch.uint8).copy_(stage[start - a : end - a], non_blocking=cuda)
-                    out[key] = dst
-                if cuda:
-                    events[turn] = torch.cuda.Event()
-                    events[turn].record()
-                turn = 1 - turn
-    if cuda:
-        torch.cuda.synchronize(device)
+            if end - start != dst.numel() * dst.element_size():
+                raise CheckpointError(f"{path}: tensor {key} holds {end - start} bytes, its shape needs more")
+            if end > start:
+                spans.append((start, end, dst.reshape(-1).view(torch.uint8)))
+        data_end = max((e for _, e, _ in spans), default=0)
+        i = 0
+        for a in range(0, data_end, stage_bytes):
+            b = min(a + stage_bytes, data_end)
+            pieces = []
+            while i < len(spans) and spans[i][0] < b:
+                start, end, flat = spans[i]
+                lo, hi = max(start, a), min(end, b)
+                if hi > lo:
+                    pieces.append((flat[lo - start : hi - start], lo - a))
+                if end <= b:
+                    i += 1
+                else:
+                    break  # the tensor goes on in the next range
+            if pieces:
+                chunks.append((path, base + a, b - a, pieces))
+    return out, chunks
+
+
+def read_staged(
+    files: list[Path], device: str | torch.device, stage_bytes: int = STAGE_BYTES, readers: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files`` on ``device``, read with large positional reads by ``readers`` threads in
+    parallel (no page-fault-driven mmap copies, no per-tensor reads). For CUDA each thread reads a byte
+    range into one of its two pinned buffers and copies the pieces to their tensors on its own stream (the
+    read of the next range overlaps those copies); for the CPU the ranges are read straight into the
+    tensors. Tensors keep the file's dtype; bytes are copied verbatim."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out, chunks = _plan_chunks(files, device, stage_bytes)
+    fds = {p: os.open(p, os.O_RDONLY) for p in dict.fromkeys(c[0] for c in chunks)}
+    local, states = threading.local(), []
+    lock = threading.Lock()
+
+    def work(chunk: tuple[Path, int, int, list]) -> None:
+        path, offset, n, pieces = chunk
+        if not cuda:
+            for dst, at in pieces:
+                _pread(fds[path], memoryview(dst.numpy()), offset + at, path)
+            return
+        st = getattr(local, "st", None)
+        if st is None:  # [pinned buffers, their copies' events, turn, stream]
+            st = local.st = [[None, None], [None, None], 0, torch.cuda.Stream(device)]
+            with lock:
+                states.append(st)
+        turn = st[2]
+        st[2] = 1 - turn
+        if st[1][turn] is not None:
+            st[1][turn].synchronize()  # this buffer's earlier copies are done: it may be refilled
+        if st[0][turn] is None:
+            st[0][turn] = torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=True)
+        buf = st[0][turn]
+        _pread(fds[path], memoryview(buf.numpy())[:n], offset, path)
+        with torch.cuda.stream(st[3]):
+            for dst, at in pieces:
+                dst.copy_(buf[at : at + dst.numel()], non_blocking=True)
+            st[1][turn] = torch.cuda.Event()
+            st[1][turn].record(st[3])
+
+    try:
+        with ThreadPoolExecutor(min(readers or load_readers(), max(1, len(chunks))),
+                                thread_name_prefix="wanfast-read") as pool:  # fmt: skip
+            for _ in pool.map(work, chunks):
+                pass
+        for st in states:
+            st[3].synchronize()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     return out
 
 
