@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from wanfast.accel.compile_cache import CompileCache, model_key, size_name
@@ -222,3 +223,21 @@ def test_staged_load_builds_the_same_pipeline(tiny_official, tmp_path, monkeypat
         for name in mapped.experts:
             a, b = mapped.experts[name].state_dict(), staged.experts[name].state_dict()
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (source, name)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA: the pinned-buffer path (run on the GPU machine)"
+)
+def test_staged_reads_on_cuda_equal_mapped_reads(tiny_official, tmp_path):
+    """The CUDA branch of ``read_staged`` (two pinned buffers per reader, copies on the readers' streams)
+    gives the mapped reader's bytes, with ranges that split tensors and more readers than ranges."""
+    from wanfast.loading.checkpoint import read_safetensors, read_staged, safetensors_files
+
+    files = safetensors_files(tiny_official / "high_noise_model", "diffusion_pytorch_model")
+    ref = read_safetensors(files)
+    for stage_bytes, readers in ((1 << 30, 1), (4096, 3), (97, 8)):
+        got = read_staged(files, "cuda", stage_bytes, readers)
+        assert got.keys() == ref.keys()
+        for k, t in ref.items():
+            assert got[k].device.type == "cuda" and got[k].dtype == t.dtype and got[k].shape == t.shape, k
+            assert torch.equal(got[k].cpu().reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
