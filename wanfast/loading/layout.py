@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,11 +36,12 @@ from wanfast.loading.checkpoint import (
     safetensors_files,
     tensor_shape,
 )
-from wanfast.loading.text_encoder import load_diffusers_text_encoder, load_official_text_encoder
 from wanfast.models.dit import WanDiT
-from wanfast.models.text_encoder import TextEncoder
 from wanfast.models.vae import WanVAE
 from wanfast.specs import ModelSpec, family_spec
+
+if TYPE_CHECKING:
+    from wanfast.models.text_encoder import TextEncoder
 
 DIT_WEIGHTS = "diffusion_pytorch_model"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -221,6 +223,10 @@ def load_text_encoder(
 ) -> TextEncoder:
     """UMT5 encoder from the official ``.pth`` or a Diffusers ``text_encoder/`` folder, plus its tokenizer.
     Prompts are cut at ``text_len`` tokens (the DiT's context length, 512 for Wan2.2)."""
+    # Imported here, not at the top: transformers is seconds of imports, which the builder's loader
+    # thread then pays beside the experts' weight reads instead of before them.
+    from wanfast.loading.text_encoder import load_diffusers_text_encoder, load_official_text_encoder
+
     p = Path(path)
     if not Path(tokenizer_path).is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {tokenizer_path}")

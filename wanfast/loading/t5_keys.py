@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import UMT5Config
 
 from wanfast.config import TextEncoderConfig
+
+if TYPE_CHECKING:
+    from transformers import UMT5Config
 
 # (official, HF) for the keys outside the blocks. The HF embedding is stored twice (tied), see below.
 _TOP = (
@@ -161,6 +164,8 @@ def hf_config(cfg: TextEncoderConfig, attn_implementation: str = "sdpa") -> UMT5
     """The ``UMT5Config`` of ``cfg``, with the google/umt5-xxl conventions: gated GELU-tanh FFN
     ("gated-gelu" -> dense_act_fn "gelu_new"), pad 0, EOS 1, no lm-head tying. ``is_encoder_decoder``
     stays True as in the released config; ``UMT5EncoderModel`` switches it off for its stack."""
+    from transformers import UMT5Config  # seconds of imports: only where a model is built
+
     return UMT5Config(
         vocab_size=cfg.vocab_size,
         d_model=cfg.dim,

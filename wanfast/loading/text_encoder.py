@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from wanfast.config import TextEncoderConfig
 from wanfast.loading.checkpoint import (
@@ -28,6 +28,9 @@ from wanfast.loading.t5_keys import (
 )
 from wanfast.models.text_encoder import TextEncoder
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def build_text_encoder(
     cfg: TextEncoderConfig,
@@ -43,6 +46,8 @@ def build_text_encoder(
 
     Each tensor is moved to ``device``/``dtype`` on its own (so an mmap'd checkpoint never becomes a
     full extra CPU copy) and the tied embedding is converted once and shared by both of its keys."""
+    from transformers import UMT5EncoderModel  # here, not at the top: see loading.layout.load_text_encoder
+
     with torch.device("meta"):
         model = UMT5EncoderModel(hf_config(cfg, attn_implementation))
     ref = model.state_dict()
@@ -64,6 +69,8 @@ def build_text_encoder(
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
     """A tokenizer from a local folder only; a missing folder must not turn into a hub download."""
+    from transformers import AutoTokenizer
+
     path = Path(tokenizer_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {path}")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import html
 import re
+from typing import TYPE_CHECKING
 
 import ftfy
 import torch
-from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from wanfast.config import TextEncoderConfig
+
+if TYPE_CHECKING:  # annotations only: transformers is imported by whoever builds the model
+    from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 _WHITESPACE = re.compile(r"\s+")
 
