@@ -2,7 +2,8 @@
 
 Turbo = ``--sampling-preset lightning-4step`` (4 Euler steps, guidance 1: one DiT pass per step) with the
 fast mode ``--quant fp8 --self-attention fa3-fp8``, bf16 VAE, in a warm process: text encoding, 4 steps, VAE
-decode and the MP4 written, as ``wanfast generate`` runs them (``WanPipeline.run`` + ``video.write_mp4``).
+decode and the MP4 written, as ``wanfast generate`` runs them (``WanPipeline.run`` feeding a
+``video.Mp4Writer`` during the decode).
 Per size: one warm-up run (compile, cuDNN autotuning), then ``--repeats`` timed runs.
 
 ``--ulysses 2`` under ``torchrun --nproc-per-node 2`` (nvidia-h200-x2) splits every step over the GPUs
@@ -35,7 +36,7 @@ from wanfast.presets import sampling_overrides
 from wanfast.specs import SPECS, parse_size
 from wanfast.tools.compare import compare_latents, compare_videos
 from wanfast.tools.synthetic import random_pipeline
-from wanfast.video import write_mp4
+from wanfast.video import Mp4Writer, finish_mp4, stream_mp4_enabled
 
 PROMPT = "a red fox trotting through fresh snow in a pine forest at dawn, cinematic, slow motion"
 FAST = {"quant": "fp8", "self_attention_backend": "fa3-fp8"}
@@ -52,16 +53,26 @@ def _sync() -> None:
 
 
 def timed_run(pipe, params, folder: Path, name: str) -> tuple[dict, object]:
-    """One request as ``wanfast generate`` runs it: pipeline + MP4, wall clock, GPU synchronised."""
+    """One request as ``wanfast generate`` runs it: pipeline + MP4, wall clock, GPU synchronised. The MP4
+    is encoded during the decode (``WANFAST_STREAM_MP4=0``: after it), so ``write_mp4_s`` is what is left
+    of it after the run."""
+    path, fps = folder / f"{name}.mp4", pipe.defaults.fps
     _sync()
     t0 = time.perf_counter()
-    result = pipe.run(params)
+    writer = (
+        Mp4Writer(path, params.width, params.height, fps=fps)
+        if RANK[0] == 0 and stream_mp4_enabled()
+        else None
+    )
+    result = pipe.run(params, frames_sink=writer.add if writer is not None else None)
     _sync()
     t1 = time.perf_counter()
     if RANK[0] == 0:
-        write_mp4(result.frames, folder / f"{name}.mp4", fps=pipe.defaults.fps)
+        finish_mp4(writer, result.frames, path, fps)
     total = time.perf_counter() - t0
-    return {"total_s": total, "run_s": t1 - t0, "write_mp4_s": total - (t1 - t0), **result.timings}, result
+    streamed = writer is not None
+    return {"total_s": total, "run_s": t1 - t0, "write_mp4_s": total - (t1 - t0), "mp4_streamed": streamed,
+            **result.timings}, result  # fmt: skip
 
 
 def run_engine(args, label: str, settings: EngineSettings, repeats: int, tmp: Path):

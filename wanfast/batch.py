@@ -163,25 +163,37 @@ def run_batch(
     progress: Callable[[SamplingParams], Callable | None],
     rank: int = 0,
     on_stage: Callable[[str], None] | None = None,
+    open_writer: Callable | None = None,
 ) -> int:
     """Run ``items`` back to back on the loaded ``pipe``; ``write(result, item, fps)`` saves one (rank 0);
-    ``progress(params)`` returns a progress callback (or None). Prints a line per prompt and a total;
-    returns 0, or 1 if any prompt failed."""
+    ``progress(params)`` returns a progress callback (or None). ``open_writer(item, fps)``: a
+    ``video.Mp4Writer`` opened before the item's run and fed during its decode; it is then handed to
+    ``write(result, item, fps, writer)`` to close (aborted if the run fails). Prints a line per prompt
+    and a total; returns 0, or 1 if any prompt failed."""
     failed, t_all = [], time.perf_counter()
     say = print if rank == 0 else (lambda *a, **k: None)
     for n, item in enumerate(items, 1):
         head = f"[{n}/{len(items)}] line {item.line}"
+        writer = None
         try:
             image = None
             if item.image is not None:
                 from wanfast.image import load_image
 
                 image = load_image(item.image)
-            result = pipe.run(item.params, progress(item.params), image=image, on_stage=on_stage)
             fps = item.fps or default_fps
+            writer = open_writer(item, fps) if open_writer is not None and rank == 0 else None
+            sink = writer.add if writer is not None else None
+            result = pipe.run(item.params, progress(item.params), image=image, on_stage=on_stage,
+                              frames_sink=sink)  # fmt: skip
             if rank == 0:
-                write(result, item, fps)
+                if writer is None:
+                    write(result, item, fps)
+                else:
+                    write(result, item, fps, writer)
         except Exception as e:  # one bad request (e.g. out of memory) must not end the others
+            if writer is not None:
+                writer.abort()  # its partial file deleted; a no-op once written
             failed.append(item.line)
             say(f"{head}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             if pipe.device.type == "cuda":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--save-latents", type=Path, default=None, help="also write the final latents (safetensors)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-stream-mp4", action="store_true",
+                   help="encode the MP4 after the VAE decode, not during it (same file; also "
+                   "WANFAST_STREAM_MP4=0)")  # fmt: skip
     p.add_argument("--timings", type=Path, default=None, metavar="FILE",
                    help="write where this process spent its time as JSON: imports, each component's load, "
                    "compile, first step, decode, MP4 (seconds since process start)")  # fmt: skip
@@ -232,6 +236,10 @@ def generate(args: argparse.Namespace) -> int:
         sizes = [(i.params.width, i.params.height, i.params.frames) for i in items]
         if args.gpus is not None or args.workers is not None:  # the lines spread over a worker pool
             from wanfast.server.batchpool import run_on_pool
+            from wanfast.video import STREAM_ENV
+
+            if args.no_stream_mp4:  # the pool's workers read the switch from the environment they inherit
+                os.environ[STREAM_ENV] = "0"
 
             return run_on_pool(args, items, args.fps or spec.defaults.fps)
     else:
@@ -271,10 +279,10 @@ def generate(args: argparse.Namespace) -> int:
         extra = f", self-attention {own}" if own != attention.active_backend() else ""
         print(f"model: {spec.name}; attention backend: {attention.active_backend()}{extra}", file=sys.stderr)
 
-    from wanfast.video import write_mp4
+    from wanfast.video import Mp4Writer, finish_mp4
 
-    def write(result, output: Path, latents: Path | None, fps: int) -> None:
-        write_mp4(result.frames, output, fps=fps)
+    def write(result, output: Path, latents: Path | None, fps: int, writer: Mp4Writer | None = None) -> None:
+        finish_mp4(writer, result.frames, output, fps)  # streamed: only the encoder's tail is left here
         if latents is not None:
             from safetensors.torch import save_file
 
@@ -282,6 +290,7 @@ def generate(args: argparse.Namespace) -> int:
             save_file({"latents": result.latents.contiguous()}, str(latents))
 
     fps = args.fps or spec.defaults.fps
+    stream = rank == 0 and stream_mp4(args)  # the process that writes the file encodes it meanwhile
     progress_for, on_stage = _progress_for(args, rank), _on_stage(args, rank)
     if args.timings is not None:
         from wanfast.timeline import timed_progress
@@ -290,32 +299,51 @@ def generate(args: argparse.Namespace) -> int:
     if items is not None:
         from wanfast.batch import run_batch
 
-        def write_item(result, item, item_fps: int) -> None:
-            write(result, item.output, item.latents, item_fps)
+        def write_item(result, item, item_fps: int, writer: Mp4Writer | None = None) -> None:
+            write(result, item.output, item.latents, item_fps, writer)
 
-        rc = run_batch(pipe, items, fps, write_item, progress_for, rank, on_stage)
+        def open_writer(item, item_fps: int) -> Mp4Writer:
+            return Mp4Writer(item.output, item.params.width, item.params.height, fps=item_fps)
+
+        rc = run_batch(pipe, items, fps, write_item, progress_for, rank, on_stage,
+                       open_writer if stream else None)  # fmt: skip
         if args.timings is not None and rank == 0:
             from wanfast.timeline import write_timings
 
             write_timings(args.timings, args, bp, None)
         return rc
+    # Streamed: the writer takes the frames as the VAE decodes them (a failed run deletes its partial file
+    # and leaves --output as it was); the write after the run is then only the encoder's tail.
+    writer = Mp4Writer(args.output, params.width, params.height, fps=fps) if stream else None
     try:
-        result = pipe.run(params, progress_for(params), image=image, on_stage=on_stage)
-    except torch.OutOfMemoryError as e:
-        raise ConfigError(out_of_memory_message(pipe, params, bp.settings.device)) from e
+        result = pipe.run(params, progress_for(params), image=image, on_stage=on_stage,
+                          frames_sink=writer.add if writer is not None else None)  # fmt: skip
+    except BaseException as e:
+        if writer is not None:
+            writer.abort()
+        if isinstance(e, torch.OutOfMemoryError):
+            raise ConfigError(out_of_memory_message(pipe, params, bp.settings.device)) from e
+        raise
     if rank != 0:  # every rank holds the same result; only rank 0 writes
         return 0
     if args.timings is not None:
         from wanfast import timeline
 
-        timeline.mark("run_end")
-    write(result, args.output, args.save_latents, fps)
+        timeline.mark("run_end")  # --timings' write_mp4: from here (the decode's end) to the file closed
+    write(result, args.output, args.save_latents, fps, writer)
     if args.timings is not None:
         from wanfast.timeline import write_timings
 
         write_timings(args.timings, args, bp, result)
     print(_summary(result, fps, args.output))
     return 0
+
+
+def stream_mp4(args: argparse.Namespace) -> bool:
+    """Whether the MP4 is encoded during the VAE decode: on unless --no-stream-mp4 or WANFAST_STREAM_MP4=0."""
+    from wanfast.video import stream_mp4_enabled
+
+    return not getattr(args, "no_stream_mp4", False) and stream_mp4_enabled()
 
 
 def spec_params(spec, prompt: str, image, overrides: dict) -> SamplingParams:

@@ -9,6 +9,7 @@ the latents after each solver step; VAE decode of the final latents.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -116,6 +117,27 @@ class _Timer:
         self.timings[name] = time.perf_counter() - t0
 
 
+def _decode_into(
+    decode: Callable[..., torch.Tensor], z: torch.Tensor, params: SamplingParams,
+    sink: Callable[[torch.Tensor], None],
+) -> torch.Tensor:  # fmt: skip
+    """``to_uint8_frames(decode(z)[0])`` built chunk by chunk from the decode's ``on_frames`` (each chunk
+    converted as the whole video would be: the conversion is per value) into one uint8 [F, H, W, 3] CPU
+    tensor; each filled slice goes to ``sink`` at once."""
+    frames = torch.empty((params.frames, params.height, params.width, 3), dtype=torch.uint8)
+    done = [0]
+
+    def on_frames(chunk: torch.Tensor) -> None:  # [1, 3, f, H, W]
+        t0, t1 = done[0], done[0] + chunk.shape[2]
+        sink(to_uint8_frames(chunk[0], out=frames[t0:t1]))
+        done[0] = t1
+
+    decode(z, on_frames=on_frames)
+    if done[0] != params.frames:
+        raise RuntimeError(f"the decode handed over {done[0]} frames, expected {params.frames}")
+    return frames
+
+
 class WanPipeline:
     """Holds the loaded models of one ``ModelSpec``; ``generate`` / ``run`` run one request."""
 
@@ -205,10 +227,15 @@ class WanPipeline:
         progress: ProgressFn | None = None,
         image=None,
         on_stage: Callable[[str], None] | None = None,
+        frames_sink: Callable[[torch.Tensor], None] | None = None,
     ) -> GenerationResult:
         """One request: ``params`` from ``self.params`` (its size already the image's when there is one),
         ``image`` a ``PIL.Image`` (``wanfast.image.load_image``) for a model that takes one. ``on_stage``
-        is told "vae_decode" when the decode starts (the steps' progress says nothing there)."""
+        is told "vae_decode" when the decode starts (the steps' progress says nothing there).
+        ``frames_sink``: given the video's uint8 [f, H, W, 3] CPU frames as the decode makes them, in order
+        (``video.Mp4Writer.add``: the MP4 is encoded during the decode); they are slices of
+        ``result.frames``, which is the same with or without a sink. Only the process that writes the
+        video needs one (under a split, every rank decodes)."""
         conditioning = CONDITIONINGS[self.spec.conditioning]
         if (image is None and self.spec.image == "required") or (
             image is not None and self.spec.image == "none"
@@ -261,8 +288,11 @@ class WanPipeline:
         with timer.stage("vae_decode"):
             vae_dtype = next(self.vae.parameters()).dtype
             z = latents[None].to(vae_dtype)
-            video = (par.decode(self.vae, z) if par else self.vae.decode(z))[0]  # split: tiles over ranks
-            frames = to_uint8_frames(video)
+            decode = functools.partial(par.decode, self.vae) if par else self.vae.decode  # split: tiles
+            if frames_sink is None:
+                frames = to_uint8_frames(decode(z)[0])
+            else:
+                frames = _decode_into(decode, z, params, frames_sink)
         timings = dict(timer.timings)
         timings["total"] = time.perf_counter() - t_start
         if self.compile_cache is not None:  # outside the timed stages; a no-op once this size's file exists

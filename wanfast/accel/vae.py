@@ -27,7 +27,7 @@ shapes) and always adds its stages' DupUp3d shortcuts in place, through a stride
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -297,8 +297,11 @@ class FastWanVAE(WanVAE):
         with _decode_flags(opts if opts.encoder else replace(opts, fused_norm=None)):
             return super().encode(video)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """As ``WanVAE.decode`` (normalised latents -> fp32 video in [-1, 1]), with ``decode_options``."""
+    def decode(
+        self, latents: torch.Tensor, on_frames: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
+        """As ``WanVAE.decode`` (normalised latents -> fp32 video in [-1, 1], ``on_frames`` called with each
+        latent frame's clamped video), with ``decode_options``."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
             raise ValueError(f"expected latents [B, {self.cfg.z_dim}, F, H, W], got {tuple(latents.shape)}")
         opts = self.decode_options
@@ -317,11 +320,16 @@ class FastWanVAE(WanVAE):
         with _decode_flags(opts):
             for i in range(n):  # latent frame 0 -> 1 video frame, later ones -> ts each
                 y = self.decoder(x[:, :, i : i + 1], cache)
+                f = y.shape[2]
                 if out is None:
                     chunks.append(y)
+                    if on_frames is not None:
+                        on_frames(y.float().clamp(-1.0, 1.0))  # a new tensor: y stays as it was
                 else:
-                    out[:, :, t0 : t0 + y.shape[2]].copy_(y)  # fp32, NCDHW; y (bf16, NDHWC) is freed
-                t0 += y.shape[2]
+                    out[:, :, t0 : t0 + f].copy_(y)  # fp32, NCDHW; y (bf16, NDHWC) is freed
+                    if on_frames is not None:  # clamped in place: the final clamp_ leaves these as they are
+                        on_frames(out[:, :, t0 : t0 + f].clamp_(-1.0, 1.0))
+                t0 += f
                 del y
                 cache.first = False
         del cache

@@ -10,6 +10,8 @@ equal to a causal pass over the whole clip, except for the first-chunk rules of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -250,8 +252,14 @@ class WanVAE(nn.Module):
         mean, inv_std = self._scale(mu.device)
         return (mu.float() - mean) * inv_std
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, z_dim, F', h, w] -> video [B, 3, 4(F'-1)+1, 8h, 8w] in [-1, 1], fp32."""
+    def decode(
+        self, latents: torch.Tensor, on_frames: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
+        """Normalised latents [B, z_dim, F', h, w] -> video [B, 3, 4(F'-1)+1, 8h, 8w] in [-1, 1], fp32.
+
+        ``on_frames(chunk)``: called with each latent frame's video as it is decoded, in order
+        ([B, 3, 1 then 4, 8h, 8w], fp32, clamped: the values the returned video holds there), e.g. to
+        encode the MP4 meanwhile. The returned video is the same with or without it."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
             raise ValueError(f"expected latents [B, {self.cfg.z_dim}, F, H, W], got {tuple(latents.shape)}")
         mean, inv_std = self._scale(latents.device)
@@ -260,4 +268,6 @@ class WanVAE(nn.Module):
         for i in range(x.shape[2]):  # one latent frame at a time: frame 0 -> 1 frame, later ones -> 4
             out.append(self.decoder(x[:, :, i : i + 1], cache))
             cache.first = False
+            if on_frames is not None:
+                on_frames(out[-1].float().clamp(-1.0, 1.0))  # a new tensor: out[-1] stays as it was
         return torch.cat(out, 2).float().clamp_(-1.0, 1.0)

@@ -3,6 +3,8 @@ broadcast, the CFG-parallel prediction and the tiled VAE decode."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -45,5 +47,13 @@ class ParallelRuntime:
         dist.all_gather([cond, uncond], mine, group=self.mesh.cfg_group)
         return classifier_free_guidance(cond, uncond, scale)
 
-    def decode(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        return parallel_decode(vae, latents, self.mesh.world_group, self.vae_overlap)
+    def decode(
+        self, vae: nn.Module, latents: Tensor, on_frames: Callable[[Tensor], None] | None = None
+    ) -> Tensor:
+        """The tiled decode (``parallel_decode``). ``on_frames`` (``WanVAE.decode``'s) is called once, with
+        the whole blended video: the ranks split each frame into tiles and blend the seams only after
+        every rank has decoded all frames, so no frame is final earlier. Same values, no overlap."""
+        video = parallel_decode(vae, latents, self.mesh.world_group, self.vae_overlap)
+        if on_frames is not None:
+            on_frames(video)  # the returned tensor itself: a blend of clamped tiles, not clamped again
+        return video

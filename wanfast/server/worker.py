@@ -136,9 +136,10 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
     """Run one claimed job to a final state; returns that state ('' if the job was taken away).
     ``sync(flag) -> flag``: rank 0's half of a split worker's per-step broadcast (None: one process)."""
     from wanfast.config import ConfigError
-    from wanfast.video import write_mp4
+    from wanfast.video import Mp4Writer, finish_mp4, stream_mp4_enabled
 
     tmp = results_dir / f"{job.id}.tmp.mp4"
+    writer = None
     try:
         try:  # the pipeline's own rules, shared with the CLI (the web process checked them already)
             params, fps, image = _params(pipe, job)
@@ -168,13 +169,16 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
             if flag == 2:
                 raise NotOwner(f"job {job.id} is no longer owned by this worker")
 
-        result = pipe.run(params, progress, image=image)
+        if stream_mp4_enabled():  # encoded during the decode; "writing" is then the encoder's tail
+            writer = Mp4Writer(tmp, params.width, params.height, fps=fps)
+        sink = writer.add if writer is not None else None
+        result = pipe.run(params, progress, image=image, frames_sink=sink)
         try:
             store.stage(job.id, owner, "writing")
         except STORE_ERRORS as e:
             log.warning("job %s: stage not recorded: %s", job.id, e)
         t_write = time.monotonic()
-        write_mp4(result.frames, tmp, fps=fps)
+        finish_mp4(writer, result.frames, tmp, fps)
         timings = {
             **result.timings,
             "write_mp4": time.monotonic() - t_write,
@@ -198,6 +202,8 @@ def run_job(pipe, store: JobStore, job: Job, owner: str, results_dir: Path, sync
             raise
         return state
     finally:
+        if writer is not None:
+            writer.abort()  # a run that failed or was cancelled: its partial file goes (no-op once closed)
         tmp.unlink(missing_ok=True)
 
 
