@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from wanfast.specs import parse_size
-from wanfast.video import Mp4Writer, write_mp4
+from wanfast.video import THREADS_ENV, Mp4Writer, write_mp4
 
 
 def chunks(frames: int) -> list[tuple[int, int]]:
@@ -72,22 +73,26 @@ def main() -> None:
     ap.add_argument("--decode-s", default="0.92", help="simulated decode seconds, comma-separated")
     ap.add_argument("--busy", action="store_true", help="simulate the decode with host compute, not a sleep")
     ap.add_argument("--repeats", type=int, default=1, help="runs per decode time; the best of each is kept")
+    ap.add_argument(
+        "--threads", default="slice", help="libx264 threading to try: slice, frame (comma-separated)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     w, h = parse_size(args.size)
     frames = np.random.default_rng(0).integers(0, 256, (args.frames, h, w, 3), dtype=np.uint8)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for d in (float(x) for x in args.decode_s.split(",")):
+        for kind, d in ((k, float(x)) for k in args.threads.split(",") for x in args.decode_s.split(",")):
+            os.environ[THREADS_ENV] = kind  # read by every writer this process opens
             runs = [run(frames, d, args.busy, Path(tmp)) for _ in range(args.repeats)]
             best = {
                 k: min((x[k] for x in runs), key=lambda v: v["total_s"]) for k in ("sequential", "streamed")
             }
-            r = {**runs[0], **best, "saved_s": best["sequential"]["total_s"] - best["streamed"]["total_s"],
+            r = {**runs[0], **best, "threads": kind, "saved_s": best["sequential"]["total_s"] - best["streamed"]["total_s"],
                  "same_bytes": all(x["same_bytes"] for x in runs), "runs": runs}  # fmt: skip
             rows.append(r)
             s, q = r["streamed"], r["sequential"]
-            print(f"{w}x{h}x{args.frames} decode {d:.2f} s ({'busy' if args.busy else 'sleep'}): sequential "
+            print(f"[{kind}] {w}x{h}x{args.frames} decode {d:.2f} s ({'busy' if args.busy else 'sleep'}): sequential "
                   f"{q['total_s']:.2f} s (write {q['write_mp4_s']:.2f} s), streamed {s['total_s']:.2f} s "
                   f"(tail {s['tail_s']:.2f} s), saved {r['saved_s']:.2f} s, same bytes {r['same_bytes']}")  # fmt: skip
     if args.out:

@@ -292,3 +292,20 @@ def test_server_worker_streams_the_same_mp4(tmp_path, pipe, monkeypatch):
     ref = write_mp4(pipe.run(pipe.params(**request)).frames, tmp_path / "ref.mp4").read_bytes()
     assert got["1"] == got["0"] == ref
     assert sorted(p.name for p in results.iterdir()) == sorted(f"{j.id}.mp4" for j in store.list()[0])
+
+
+def test_frame_threads_switch(tmp_path, monkeypatch):
+    """WANFAST_MP4_THREADS=frame (x264's frame threads): streamed and whole writes still give the same bytes,
+    the file holds every frame, and the smooth video comes back close (crf 18: PSNR well above 30 dB); an
+    unknown value is refused before a file is opened."""
+    monkeypatch.setenv("WANFAST_MP4_THREADS", "frame")
+    frames = smooth()
+    want = write_mp4(frames, tmp_path / "a.mp4", fps=16).read_bytes()
+    assert streamed(frames, tmp_path / "b.mp4", [1, 4, 4, 4]).read_bytes() == want
+    back, _ = read_mp4(tmp_path / "b.mp4")
+    mse = np.mean((back.astype(np.float64) - frames) ** 2)
+    assert back.shape == frames.shape and 10 * np.log10(255**2 / max(mse, 1e-12)) > 30
+    monkeypatch.setenv("WANFAST_MP4_THREADS", "fast")
+    with pytest.raises(ValueError, match="WANFAST_MP4_THREADS"):
+        write_mp4(frames, tmp_path / "c.mp4")
+    assert not (tmp_path / "c.mp4").exists()

@@ -22,12 +22,23 @@ import numpy as np
 import torch
 
 STREAM_ENV = "WANFAST_STREAM_MP4"  # "0": write the MP4 after the decode instead of during it
+# libx264's threading: "slice" (PyAV's default: each frame cut into slices, one per thread) or "frame"
+# (x264's frame threads: several frames in flight). Either way the bytes depend on the thread count.
+THREADS_ENV = "WANFAST_MP4_THREADS"
 
 
 def stream_mp4_enabled() -> bool:
     """Whether the MP4 is encoded while the VAE decodes (default) or after it (``WANFAST_STREAM_MP4=0``,
     and ``wanfast generate --no-stream-mp4``): the one place the switch is read."""
     return os.environ.get(STREAM_ENV, "1") != "0"
+
+
+def mp4_thread_type() -> str:
+    """``WANFAST_MP4_THREADS``: "slice" (default) or "frame", libx264's threading (``_H264``)."""
+    kind = os.environ.get(THREADS_ENV, "slice").lower()
+    if kind not in ("slice", "frame"):
+        raise ValueError(f"{THREADS_ENV} must be slice or frame, got {kind!r}")
+    return kind
 
 
 def to_uint8_frames(video: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,6 +74,7 @@ class _H264:
             self.stream.width, self.stream.height = width, height
             self.stream.pix_fmt = "yuv420p"  # playable everywhere
             self.stream.options = {"crf": str(crf)}
+            self.stream.codec_context.thread_type = mp4_thread_type().upper()
         except BaseException:
             self.container.close()
             raise
