@@ -122,7 +122,9 @@ def main() -> None:
     ap.add_argument("--model", default="t2v-A14B", help="tiny: the CPU test of this script")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--ulysses", type=int, default=1, help="split each step over this many GPUs (torchrun)")
-    ap.add_argument("--no-quality", action="store_true", help="turbo times only: no bf16 4-step reference run")
+    ap.add_argument(
+        "--no-quality", action="store_true", help="turbo times only: no bf16 4-step reference run"
+    )
     args = ap.parse_args()
     args.size_list = [parse_size(s) for s in args.sizes.split(",")]
     RANK[0], local = init_distributed() if args.ulysses > 1 else (0, 0)
