@@ -34,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=$1
 export WANFAST_COMMIT=${2:-unknown}
-if ls .whl/*.whl > /dev/null 2>&1; then
+if [ -z "${WHEELS_INSTALLED:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then  # WHEELS_INSTALLED=1: done by the caller
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

@@ -19,7 +19,7 @@ start)
     bash benchmarks/detached.sh start s3 -- bash benchmarks/session_gpu.sh run
     ;;
 run)
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=/tmp/wf/s3
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=/tmp/wf/s3 WHEELS_INSTALLED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -m pytest -q -p no:cacheprovider tests/test_coldstart.py -k cuda 2>&1 | tail -n 3 | tee $OUT/cuda_test.txt
     grep -q " passed" $OUT/cuda_test.txt || { echo "staged CUDA reads failed: WANFAST_STAGED_LOAD=0"; export WANFAST_STAGED_LOAD=0; }
