@@ -19,8 +19,7 @@
 #   fp8_cold_compile   page cache cold, empty --compile-cache: the first process on a fresh machine
 #   fp8_warm_cached    page cache warm, the compile cache from the run before (a second process)
 #   fp8_cold_cached    page cache cold, compile cache filled: a restart after the cache was built
-#   fp8_warm_staged    as warm_cached with WANFAST_STAGED_LOAD=1 (parallel reads into pinned buffers; the
-#                      default on CUDA since 2026-11-30 evening)
+#   fp8_warm_staged    as warm_cached with WANFAST_STAGED_LOAD=1 (parallel reads into pinned buffers)
 #   fp8_warm_mapped / fp8_cold_mapped (not default): WANFAST_STAGED_LOAD=0, the mapped files' copies
 #   fp8_warm_serial    (not default) as warm_cached with WANFAST_LOAD_THREADS=0: text encoder after the experts
 #   fp8_cold_staged    (not default) as cold_cached with WANFAST_STAGED_LOAD=1

@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--busy", action="store_true", help="simulate the decode with host compute, not a sleep")
     ap.add_argument("--repeats", type=int, default=1, help="runs per decode time; the best of each is kept")
     ap.add_argument(
-        "--threads", default="slice", help="libx264 threading to try: slice, frame (comma-separated)"
+        "--threads", default="frame", help="libx264 threading to try: frame, slice (comma-separated)"
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

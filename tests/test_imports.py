@@ -1,6 +1,7 @@
 """transformers (seconds of imports: torch._dynamo, torch.distributed.tensor, scipy, ...) is imported only by
-whoever builds the text encoder: not by the modules `wanfast generate` imports before it loads weights, and,
-in a build, first by the builder's loader thread, so the import runs beside the experts' weight reads."""
+whoever builds the text encoder: not by the modules `wanfast generate` (or `wanfast --help`, or an API-only
+server) imports, and, in a build, by the builder's main thread just before the loads (measured: in the
+loader thread, beside the experts' reads, it made the build slower than the import itself)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ print(json.dumps({"rc": rc, "first": first}))
 """
 
 
-def test_generate_imports_transformers_first_in_the_loader_thread(tiny_official, tmp_path):
+def test_generate_imports_transformers_on_the_main_thread_before_the_loads(tiny_official, tmp_path):
     out = tmp_path / "v.mp4"
     args = ["generate", "--ckpt-dir", str(tiny_official), "--prompt", "a cat", "--size", "32x32",
             "--frames", "5", "--steps", "1", "--device", "cpu", "--dtype", "fp32", "--output", str(out),
             "--no-progress"]  # fmt: skip
     res = json.loads(_run(_FIRST_IMPORTER, *args).splitlines()[-1])
     assert res["rc"] == 0 and out.stat().st_size > 0  # the video was made with the lazily built encoder
-    assert len(res["first"]) == 1 and res["first"][0].startswith("wanfast-load"), res["first"]
+    assert res["first"] == ["MainThread"], res["first"]

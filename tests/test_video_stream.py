@@ -294,11 +294,12 @@ def test_server_worker_streams_the_same_mp4(tmp_path, pipe, monkeypatch):
     assert sorted(p.name for p in results.iterdir()) == sorted(f"{j.id}.mp4" for j in store.list()[0])
 
 
-def test_frame_threads_switch(tmp_path, monkeypatch):
-    """WANFAST_MP4_THREADS=frame (x264's frame threads): streamed and whole writes still give the same bytes,
-    the file holds every frame, and the smooth video comes back close (crf 18: PSNR well above 30 dB); an
-    unknown value is refused before a file is opened."""
-    monkeypatch.setenv("WANFAST_MP4_THREADS", "frame")
+@pytest.mark.parametrize("kind", ["frame", "slice"])
+def test_x264_threads_switch(tmp_path, monkeypatch, kind):
+    """WANFAST_MP4_THREADS=frame (the default: x264's frame threads) or slice (PyAV's default): streamed and
+    whole writes give the same bytes, the file holds every frame, and the smooth video comes back close
+    (crf 18: PSNR well above 30 dB); an unknown value is refused and leaves no file."""
+    monkeypatch.setenv("WANFAST_MP4_THREADS", kind)
     frames = smooth()
     want = write_mp4(frames, tmp_path / "a.mp4", fps=16).read_bytes()
     assert streamed(frames, tmp_path / "b.mp4", [1, 4, 4, 4]).read_bytes() == want

@@ -172,6 +172,7 @@ def build(p: BuildPlan):
 
     from wanfast import timeline
     from wanfast.loading.layout import dit_config, load_text_encoder, load_vae
+    from wanfast.loading.text_encoder import import_backend
     from wanfast.memory import enforce_memory_budget
 
     if p.memory_note:
@@ -192,6 +193,8 @@ def build(p: BuildPlan):
         # With an offload mode the experts load into CPU memory; apply_offload then puts on the device only
         # what that mode keeps there, so loading never needs both experts on the GPU at once.
         expert_device = "cpu" if s.offload else s.device
+        with timeline.span("import_text_encoder"):
+            import_backend()  # here, not in the thread: see its docstring
         with ThreadPoolExecutor(1, thread_name_prefix="wanfast-load") as pool:
             te_future = pool.submit(text_encoder) if _parallel_load() else None
             experts = {}

@@ -224,7 +224,7 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
         params=None if result is None else {"width": result.params.width, "height": result.params.height,
                                             "frames": result.params.frames, "steps": result.params.steps},
         load_threads=os.environ.get("WANFAST_LOAD_THREADS", "1") != "0",
-        staged_load=staged_load_enabled(plan.settings.resolved().device),
+        staged_load=staged_load_enabled(),
         load_readers=load_readers(),
         pid=os.getpid(),
     )  # fmt: skip

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 STREAM_ENV = "WANFAST_STREAM_MP4"  # "0": write the MP4 after the decode instead of during it
-# libx264's threading: "slice" (PyAV's default: each frame cut into slices, one per thread) or "frame"
-# (x264's frame threads: several frames in flight). Either way the bytes depend on the thread count.
+# libx264's threading: "frame" (x264's frame threads, several frames in flight; measured faster on the H200
+# host's 16 cores: 1280x720x81 written in 3.41 vs 4.41 s) or "slice" (PyAV's default: each frame cut into
+# slices, one per thread). Either way the bytes depend on the thread count.
 THREADS_ENV = "WANFAST_MP4_THREADS"
 
 
@@ -34,8 +35,8 @@ def stream_mp4_enabled() -> bool:
 
 
 def mp4_thread_type() -> str:
-    """``WANFAST_MP4_THREADS``: "slice" (default) or "frame", libx264's threading (``_H264``)."""
-    kind = os.environ.get(THREADS_ENV, "slice").lower()
+    """``WANFAST_MP4_THREADS``: "frame" (default) or "slice", libx264's threading (``_H264``)."""
+    kind = os.environ.get(THREADS_ENV, "frame").lower()
     if kind not in ("slice", "frame"):
         raise ValueError(f"{THREADS_ENV} must be slice or frame, got {kind!r}")
     return kind

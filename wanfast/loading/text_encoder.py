@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+def import_backend() -> None:
+    """Import what building the encoder needs from transformers (seconds: torch._dynamo, scipy, ...). The
+    builder calls it on its main thread before the loads start: run in the loader thread beside the
+    experts' reads it made the build 11 s longer on the H200 host (2026-11-30; the import holds the GIL
+    against the reads' Python loops), more than the 7.7 s it takes alone."""
+    from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
+
+
 def build_text_encoder(
     cfg: TextEncoderConfig,
     state_dict_hf: dict[str, torch.Tensor],
