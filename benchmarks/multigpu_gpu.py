@@ -5,6 +5,7 @@ random weights, launched with torchrun (one process per GPU). Rank 0 writes the 
     torchrun --nproc-per-node 2 benchmarks/multigpu_gpu.py --split cfg2 --out cfg2.json --commit abc1234
     # splits: one (1 process), cfg2 / u2 (2), cfg2xu2 / u4 (4), cfg2xu4 / u8 (8)
     # --sizes 832x480,1280x720 --steps 40 --what forward,step,generate; --model tiny --device cpu: a CPU check
+    # --ulysses-chunks G: Ulysses head groups whose all-to-alls overlap the attention (1 = off, the default)
 
 Per size, after a 2-step warm-up generation whose boundary falls between its steps (compiles both experts):
 - ``forward``: one call of the high-noise expert with the prompt (under CFG-parallel each rank runs one
@@ -107,24 +108,32 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--what", default="forward,step,generate")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ulysses-chunks", type=int, default=1, metavar="G",
+                    help="head groups whose all-to-alls overlap the attention; 1 = off, the measured default")  # fmt: skip
     args = ap.parse_args()
     preset = SPECS[args.model]
     cfg_parallel, ulysses = SPLITS[args.split]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_split(cfg_parallel, ulysses, world, preset.dit.num_heads)  # before any weights are built
+    chunks = args.ulysses_chunks
+    check_split(cfg_parallel, ulysses, world, preset.dit.num_heads, chunks)  # before any weights are built
     rank, local = init_distributed()
     if dist.is_initialized():
         _CPU_GROUP[0] = dist.new_group(backend="gloo")
     device = torch.device(f"cuda:{local}" if args.device == "cuda" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = EngineSettings(
-        device=str(device), dtype=dtype, vae_dtype=dtype, cfg_parallel=cfg_parallel, ulysses=ulysses
+        device=str(device),
+        dtype=dtype,
+        vae_dtype=dtype,
+        cfg_parallel=cfg_parallel,
+        ulysses=ulysses,
+        ulysses_chunks=chunks,
     )
     settings = parallel_settings(base) if wanted(base) else base
     t0 = time.perf_counter()
     pipe = random_pipeline(preset, str(device), dtype, dtype, settings=settings)  # split by builder.assemble
     res = {"split": args.split, "world": world, "cfg_parallel": cfg_parallel, "ulysses": ulysses,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "ulysses_chunks": chunks, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d"),
            "model": args.model, "settings": {k: str(v) for k, v in vars(settings).items()},
            "setup_s": round(time.perf_counter() - t0, 1), "env": {k: os.environ.get(k) for k in

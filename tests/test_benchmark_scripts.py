@@ -38,8 +38,9 @@ def test_modes_script_runs_every_part_on_the_tiny_model(tmp_path):
 
 
 def test_multigpu_script_runs_split_under_torchrun(tmp_path):
-    """benchmarks/multigpu_gpu.py under torchrun with 2 gloo processes (Ulysses 2) and alone: the same
-    request gives the same per-expert step counts; every timing is there."""
+    """benchmarks/multigpu_gpu.py under torchrun with 2 gloo processes (Ulysses 2, its all-to-alls in 2
+    overlapped head groups) and alone: the same request gives the same per-expert step counts; every timing
+    is there."""
     import socket
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -50,7 +51,7 @@ def test_multigpu_script_runs_split_under_torchrun(tmp_path):
         port = s.getsockname()[1]
     runs = {
         "u2": [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(port), script, "--split", "u2"],
+               "--master-addr", "127.0.0.1", "--master-port", str(port), script, "--split", "u2", "--ulysses-chunks", "2"],
         "one": [sys.executable, script, "--split", "one"],
     }  # fmt: skip
     rows = {}
@@ -62,6 +63,7 @@ def test_multigpu_script_runs_split_under_torchrun(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         res = json.loads(out.read_text())
         assert (res["split"], res["world"]) == (split, 2 if split == "u2" else 1)
+        assert res["ulysses_chunks"] == (2 if split == "u2" else 1)
         rows[split] = res["sizes"]["64x48"]
     for row in rows.values():
         assert (
@@ -78,6 +80,15 @@ def test_multigpu_script_refuses_a_split_that_does_not_fit_the_launch(tmp_path):
     assert proc.returncode != 0 and "needs cfg (2) x ulysses (1) = 2 processes" in proc.stderr, proc.stderr[
         -2000:
     ]
+    # the split fits (WORLD_SIZE as torchrun sets it) but 4 head groups do not divide 2 heads per rank
+    cmd[cmd.index("cfg2")] = "u2"
+    env["WORLD_SIZE"] = "2"
+    proc = subprocess.run(
+        [*cmd, "--ulysses-chunks", "4"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode != 0 and "ulysses chunks 4 must divide the 2 heads per rank" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
 
 
 def _script(name: str):

@@ -152,6 +152,26 @@ def test_a_split_that_does_not_fit_the_launch_fails_before_loading(no_loading, c
     assert "must divide the DiT's 4 attention heads" in capsys.readouterr().err
 
 
+def test_ulysses_chunks_flag_reaches_settings_and_fails_before_loading(no_loading, capsys, monkeypatch):
+    from wanfast.cli import build_parser, engine_settings
+
+    def settings(*flags):
+        return engine_settings(
+            build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", *flags])
+        )
+
+    assert settings().ulysses_chunks == 1  # off: the measured default
+    assert settings("--ulysses", "2", "--ulysses-chunks", "2").ulysses_chunks == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the split fits, the head groups do not
+    assert (
+        main(["generate", "--model", "tiny", "--prompt", "x", "--ulysses", "2", "--ulysses-chunks", "4"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "ulysses chunks 4 must divide the 2 heads per rank (4 attention heads over ulysses 2)" in err, err
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--ulysses-chunks", "0"]) == 2
+    assert "ulysses_chunks must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
 def test_sampling_preset_then_explicit_flags():
     from wanfast.cli import _overrides, build_parser, spec_params
 

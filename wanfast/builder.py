@@ -106,7 +106,9 @@ def plan(
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; a group joined by hand says its own
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
-        check_split(settings.cfg_parallel, settings.ulysses, world, spec.dit.num_heads)
+        check_split(
+            settings.cfg_parallel, settings.ulysses, world, spec.dit.num_heads, settings.ulysses_chunks
+        )
         settings = parallel_settings(settings)
     if settings.lora_stack():
         from wanfast.loading.lora import check_lora_files, check_lora_settings

@@ -336,6 +336,9 @@ class EngineSettings:
     fp8_row_kernels: bool = True
     cfg_parallel: bool = False  # multi-GPU: cond / uncond passes on two rank groups (parallel/)
     ulysses: int = 1  # multi-GPU: sequence-parallel degree inside a group (parallel/)
+    # Ulysses: head groups per rank whose all-to-alls overlap the attention (parallel/ulysses.py); must divide
+    # num_heads / ulysses; 1 = off (blocking collectives, the measured path); no effect when ulysses == 1
+    ulysses_chunks: int = 1
     offload: str | None = None  # memory mode: "expert" (idle expert in pinned CPU memory) | "blocks"
     # LoRAs merged in order (loading/lora.py), each with a strength per expert; ``lora_stack()`` adds the
     # shorthands below, the one place both forms meet
@@ -344,6 +347,11 @@ class EngineSettings:
     lora_low_noise: str | None = None  # shorthand: LoRA file for the low-noise expert at lora_strength
     lora_strength: float = 1.0
     lora_merge: bool = True  # merged into the weights (no runtime cost) or kept separate and switchable
+
+    def __post_init__(self) -> None:
+        chunks = self.ulysses_chunks
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ConfigError(f"ulysses_chunks must be an integer >= 1, got {chunks!r}")
 
     def lora_stack(self) -> tuple[LoraSpec, ...]:
         """Every LoRA to apply: ``loras`` then the shorthand files (each on its own expert only)."""

@@ -79,6 +79,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     par = p.add_argument_group("multi-GPU (launch with torchrun --nproc-per-node N; N = 2 x K or K)")
     par.add_argument("--cfg-parallel", action="store_true", help="cond / uncond passes on two rank groups")
     par.add_argument("--ulysses", type=int, default=1, metavar="K", help="sequence-parallel degree (1)")
+    par.add_argument("--ulysses-chunks", type=int, default=1, metavar="G",
+                     help="head groups whose all-to-alls overlap the attention; 1 = off, the measured "
+                     "default (G must divide the heads per rank)")  # fmt: skip
 
 
 def _lora_spec(text: str) -> LoraSpec:
@@ -102,6 +105,7 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
         quant=args.quant,
         cfg_parallel=args.cfg_parallel,
         ulysses=args.ulysses,
+        ulysses_chunks=args.ulysses_chunks,
         offload=args.offload,
         loras=tuple(args.lora),
         lora_high_noise=args.lora_high_noise,

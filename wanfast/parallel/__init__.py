@@ -47,7 +47,10 @@ def parallelize(pipe):
     mesh = make_mesh(s.cfg_parallel, s.ulysses)
     if mesh.sp_group is not None:
         for dit in pipe.experts.values():
-            apply_ulysses(dit, mesh.sp_group)
+            apply_ulysses(dit, mesh.sp_group, chunks=s.ulysses_chunks)
     pipe.parallel = ParallelRuntime(mesh, s.dtype)
-    log.info("parallel: rank %d of cfg %d x ulysses %d", mesh.rank, mesh.cfg, mesh.ulysses)
+    chunks = (
+        f" ({s.ulysses_chunks} overlapped head groups)" if mesh.ulysses > 1 and s.ulysses_chunks > 1 else ""
+    )
+    log.info("parallel: rank %d of cfg %d x ulysses %d%s", mesh.rank, mesh.cfg, mesh.ulysses, chunks)
     return pipe

@@ -56,9 +56,25 @@ class Mesh:
         return self.rank % self.ulysses
 
 
-def check_split(cfg_parallel: bool, ulysses: int, world: int, num_heads: int | None = None) -> None:
+def check_chunks(num_heads: int, ulysses: int, chunks: int) -> None:
+    """``chunks`` head groups (``EngineSettings.ulysses_chunks``) must split each rank's num_heads / ulysses
+    heads evenly; else ``ConfigError`` (a ValueError) naming the numbers."""
+    if chunks < 1:
+        raise ConfigError(f"ulysses chunks must be >= 1, got {chunks}")
+    per_rank = num_heads // ulysses
+    if per_rank % chunks:
+        raise ConfigError(
+            f"ulysses chunks {chunks} must divide the {per_rank} heads per rank "
+            f"({num_heads} attention heads over ulysses {ulysses})"
+        )
+
+
+def check_split(
+    cfg_parallel: bool, ulysses: int, world: int, num_heads: int | None = None, chunks: int = 1
+) -> None:
     """The split fits the launch: world = (2 if cfg_parallel else 1) x ulysses, heads divisible by
-    ulysses. Pure, so the CLI checks it before any weights load."""
+    ulysses, and under Ulysses the ``chunks`` head groups (``EngineSettings.ulysses_chunks``) dividing the
+    heads per rank. Pure, so the CLI checks it before any weights load."""
     cfg = 2 if cfg_parallel else 1
     if ulysses < 1:
         raise ConfigError(f"ulysses must be >= 1, got {ulysses}")
@@ -69,6 +85,10 @@ def check_split(cfg_parallel: bool, ulysses: int, world: int, num_heads: int | N
         )
     if num_heads is not None and num_heads % ulysses:
         raise ConfigError(f"ulysses {ulysses} must divide the DiT's {num_heads} attention heads")
+    if chunks < 1:
+        raise ConfigError(f"ulysses chunks must be >= 1, got {chunks}")
+    if num_heads is not None and ulysses > 1:
+        check_chunks(num_heads, ulysses, chunks)
 
 
 def make_mesh(cfg_parallel: bool, ulysses: int) -> Mesh:

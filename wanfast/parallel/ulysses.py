@@ -24,6 +24,13 @@ default slot and pass straight through). That slot holds one torch custom op,
 ``wanfast::ulysses_self_attention``, which regional ``torch.compile`` (fullgraph) sees as a single opaque
 node: the collectives run eagerly inside it, so the compiled blocks keep their fusions under Ulysses.
 Gathering after the head moves prod(patch)*out_dim = 64 channels per token instead of dim = 5120.
+
+``chunks`` = G >= 2 (opt-in, ``EngineSettings.ulysses_chunks``) splits each rank's H/N heads into G groups of
+hg = H/(N*G) and overlaps the collectives with the kernel (``attend_overlapped``): q, k, v packed by one
+copy, G input all-to-alls (q, k and v together) issued at once, then per group: wait, attention, its output
+all-to-all issued. On the GPU the NCCL stream runs in(0..G-1) back to back while attention(g) runs, and
+out(g) overlaps attention(g + 1). Every head meets the same kernel on the same tokens as with G = 1, so the
+result is the same; chunks = 1 is the measured path (``attend``: blocking collectives).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from torch import Tensor, nn
 
 from wanfast import attention
 from wanfast.models.dit import PerToken
+from wanfast.parallel.dist import check_chunks
 
 _PREFIX = "ulysses+"
 # The plan of the DiT whose forward is running: set by its patch-embedding hook, cleared by its head hook
@@ -47,7 +55,12 @@ _INNER: dict[str, object] = {}  # "fn": the self-attention backend function the 
 def _ulysses_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # q, k, v [B, l, H, D] (this rank's tokens) -> [B, l, H, D]; outside a Ulysses forward: the kernel
     plan, inner = _CURRENT[0], _INNER["fn"]  # a registry backend: returns a tensor
-    out = plan.attend(inner, q, k, v) if plan is not None else inner(q, k, v)
+    if plan is None:
+        out = inner(q, k, v)
+    elif plan.chunks == 1:
+        out = plan.attend(inner, q, k, v)  # the measured path
+    else:
+        out = plan.attend_overlapped(inner, q, k, v)
     return out.contiguous()
 
 
@@ -57,11 +70,13 @@ def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class UlyssesPlan:
-    def __init__(self, group: dist.ProcessGroup, num_heads: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, num_heads: int, chunks: int = 1) -> None:
         self.group = group
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_heads % self.n:
             raise ValueError(f"{num_heads} attention heads do not split over ulysses degree {self.n}")
+        check_chunks(num_heads, self.n, chunks)
+        self.chunks = chunks  # head groups per rank whose all-to-alls overlap the attention (1: off)
         self.seq_len = 0  # L of the forward in progress, set by the patch-embedding hook
 
     def padded(self, length: int) -> int:
@@ -134,6 +149,41 @@ class UlyssesPlan:
         k, v = k[:, : self.seq_len], v[:, : self.seq_len]
         return self.to_tokens(inner(q, k, v))
 
+    def attend_overlapped(self, inner, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``attend`` with the heads in ``chunks`` groups: each group's all-to-alls are async, so on the GPU
+        the input exchange of later groups and the output exchange of earlier ones overlap the kernel.
+        q, k, v [B, l, H, D] -> [B, l, H, D], the same heads in the same order as ``attend``."""
+        if not q.shape == k.shape == v.shape:
+            raise ValueError(
+                f"overlapped Ulysses packs q, k, v together: shapes {q.shape}, {k.shape}, {v.shape}"
+            )
+        b, ln, h, d = q.shape
+        n, g = self.n, self.chunks
+        hg = h // (n * g)  # heads per group; head j*(H/N) + c*hg + i is rank j's group c, head i
+        # One copy packs q, k, v: send [G, N, 3, B, l, hg, D], so send[c] (group c) is contiguous and
+        # send[c][j] is what rank j receives of it: my tokens of its heads j*(H/N) + c*hg + (0..hg-1)
+        send = q.new_empty(g, n, 3, b, ln, hg, d)
+        for i, x in enumerate((q, k, v)):
+            send[:, :, i].copy_(x.unflatten(2, (n, g, hg)).permute(3, 2, 0, 1, 4, 5))  # [G, N, B, l, hg, D]
+        recv = torch.empty_like(send)  # recv[c][j]: rank j's tokens of my group c
+        inputs = [dist.all_to_all_single(recv[c], send[c], group=self.group, async_op=True) for c in range(g)]
+        back, outputs = None, []  # back [G, N, B, l, hg, D]: back[c][j] = my tokens of rank j's group c
+        for c in range(g):
+            inputs[c].wait()
+            # [N, 3, B, l, hg, D] -> [3, B, Lp, hg, D]: rank j's tokens are positions j*l .. j*l + l - 1
+            qkv = recv[c].permute(1, 2, 0, 3, 4, 5).reshape(3, b, n * ln, hg, d)
+            # k, v cut to L: the padded keys removed (see ``attend``)
+            out = inner(qkv[0], qkv[1, :, : self.seq_len], qkv[2, :, : self.seq_len])  # [B, Lp, hg, Dv]
+            # [B, Lp, hg, Dv] -> [N, B, l, hg, Dv]: token block j goes back to rank j
+            part = out.unflatten(1, (n, ln)).movedim(1, 0).contiguous()
+            if back is None:
+                back = part.new_empty(g, *part.shape)
+            outputs.append(dist.all_to_all_single(back[c], part, group=self.group, async_op=True))
+        for work in outputs:
+            work.wait()
+        # [G, N, B, l, hg, Dv] -> [B, l, N, G, hg, Dv] -> [B, l, H, Dv]: head j*(H/N) + c*hg + i
+        return back.permute(2, 3, 1, 0, 4, 5).reshape(b, ln, h, back.shape[-1])
+
 
 def _install_backend(device: torch.device) -> None:
     """Put the Ulysses op in the self-attention slot, around the kernel that slot would use (once per
@@ -149,10 +199,11 @@ def _install_backend(device: torch.device) -> None:
     attention.set_self_attention_backend(_PREFIX + name)
 
 
-def apply_ulysses(dit: nn.Module, group: dist.ProcessGroup) -> UlyssesPlan:
+def apply_ulysses(dit: nn.Module, group: dist.ProcessGroup, chunks: int = 1) -> UlyssesPlan:
     """Install the plan onto a built (optionally ``wanfast.accel``-optimised, also regionally compiled:
-    the blocks are traced at their first call, after this) WanDiT."""
-    plan = UlyssesPlan(group, dit.cfg.num_heads)
+    the blocks are traced at their first call, after this) WanDiT. ``chunks``: head groups per rank whose
+    all-to-alls overlap the attention (1: off, the blocking path)."""
+    plan = UlyssesPlan(group, dit.cfg.num_heads, chunks)
     dit.patch_embedding.register_forward_hook(plan.split_tokens)
     dit.rope = plan.split_rope(dit.rope)  # wraps the RoPE cache when there is one
     dit.time_embed = plan.split_time(dit.time_embed)  # wraps the time-embedding cache when there is one

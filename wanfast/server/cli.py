@@ -198,7 +198,9 @@ def _pool_plan(args: argparse.Namespace, num_heads: int):
     slots = plan_slots(gpus, args.gpus_per_worker, args.workers)
     if args.gpus_per_worker > 1:
         split = slot_split(args.gpus_per_worker)
-        check_split(split["cfg_parallel"], split["ulysses"], args.gpus_per_worker, num_heads)
+        check_split(
+            split["cfg_parallel"], split["ulysses"], args.gpus_per_worker, num_heads, args.ulysses_chunks
+        )
     return slots
 
 
