@@ -33,10 +33,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=$1
 export WANFAST_COMMIT=${2:-unknown}
-if [ -z "${WHEELS_INSTALLED:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then  # WHEELS_INSTALLED=1: done by the caller
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/wheels.sh
+export PYTHONUNBUFFERED=1
 SPEC=${SPEC:-t2v-A14B}
 CKPT=${CKPT:-/tmp/wf/cold/ckpt}
 # not $CC: that names the C compiler (the GPU machine sets it; `rm -rf "$CC"` removed gcc there)

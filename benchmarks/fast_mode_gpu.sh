@@ -14,8 +14,7 @@ sizes=${2:-832x480,1280x720}
 repeats=${3:-1}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/wheels.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -n "${BACKEND:-}" ]; then
     best=$BACKEND

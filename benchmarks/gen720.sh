@@ -8,8 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 impl=$1
 export WANFAST_COMMIT=$2
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/wheels.sh
 if [ "$impl" = wanfast ]; then sel=(--compare default --peer none); else sel=(--compare none --peer diffusers); fi
 dir=/tmp/wf/gen720_$impl
 bash benchmarks/detached.sh start "gen720_$impl" -- python3 -m wanfast bench --model t2v-A14B --sizes 1280x720 \

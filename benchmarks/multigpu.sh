@@ -17,8 +17,7 @@ export WANFAST_COMMIT=$2 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 N
 steps=${3:-40}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/wheels.sh
 python3 -c 'import torch; print(torch.cuda.device_count(), "GPUs")'
 declare -A procs=([one]=1 [cfg2]=2 [u2]=2 [cfg2xu2]=4 [u4]=4 [cfg2xu4]=8 [u8]=8)
 for split in one cfg2 u2 cfg2xu2 u4 cfg2xu4 u8; do

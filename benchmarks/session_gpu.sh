@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 case "$1" in
 start)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    source benchmarks/wheels.sh
     export WANFAST_COMMIT=$2
     rm -rf /tmp/wf/s3
     bash benchmarks/detached.sh start s3 -- bash benchmarks/session_gpu.sh run

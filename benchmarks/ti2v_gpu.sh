@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 case "$1" in
 start)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    source benchmarks/wheels.sh
     export WANFAST_COMMIT=$2
     bash benchmarks/detached.sh start ti2v -- bash benchmarks/ti2v_gpu.sh run
     ;;

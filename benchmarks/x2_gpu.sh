@@ -14,8 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=$1 commit=$2
 export WANFAST_COMMIT=$commit NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/wheels.sh
+export PYTHONUNBUFFERED=1
 d=/tmp/wf/x2_$stage
 rm -rf "$d"
 case "$stage" in
