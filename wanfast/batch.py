@@ -165,7 +165,8 @@ def run_batch(
     on_stage: Callable[[str], None] | None = None,
     open_writer: Callable | None = None,
 ) -> int:
-    """Run ``items`` back to back on the loaded ``pipe``; ``write(result, item, fps)`` saves one (rank 0);
+    """Run ``items`` back to back on the loaded ``pipe``; ``write(result, item, fps, writer)`` saves one
+    (rank 0; ``writer`` None unless ``open_writer`` gave one);
     ``progress(params)`` returns a progress callback (or None). ``open_writer(item, fps)``: a
     ``video.Mp4Writer`` opened before the item's run and fed during its decode; it is then handed to
     ``write(result, item, fps, writer)`` to close (aborted if the run fails). Prints a line per prompt
@@ -187,10 +188,7 @@ def run_batch(
             result = pipe.run(item.params, progress(item.params), image=image, on_stage=on_stage,
                               frames_sink=sink)  # fmt: skip
             if rank == 0:
-                if writer is None:
-                    write(result, item, fps)
-                else:
-                    write(result, item, fps, writer)
+                write(result, item, fps, writer)
         except Exception as e:  # one bad request (e.g. out of memory) must not end the others
             if writer is not None:
                 writer.abort()  # its partial file deleted; a no-op once written

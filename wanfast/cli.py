@@ -290,7 +290,10 @@ def generate(args: argparse.Namespace) -> int:
             save_file({"latents": result.latents.contiguous()}, str(latents))
 
     fps = args.fps or spec.defaults.fps
-    stream = rank == 0 and stream_mp4(args)  # the process that writes the file encodes it meanwhile
+    from wanfast.video import stream_mp4_enabled
+
+    # the process that writes the file encodes it meanwhile, unless --no-stream-mp4 / WANFAST_STREAM_MP4=0
+    stream = rank == 0 and not args.no_stream_mp4 and stream_mp4_enabled()
     progress_for, on_stage = _progress_for(args, rank), _on_stage(args, rank)
     if args.timings is not None:
         from wanfast.timeline import timed_progress
@@ -337,13 +340,6 @@ def generate(args: argparse.Namespace) -> int:
         write_timings(args.timings, args, bp, result)
     print(_summary(result, fps, args.output))
     return 0
-
-
-def stream_mp4(args: argparse.Namespace) -> bool:
-    """Whether the MP4 is encoded during the VAE decode: on unless --no-stream-mp4 or WANFAST_STREAM_MP4=0."""
-    from wanfast.video import stream_mp4_enabled
-
-    return not getattr(args, "no_stream_mp4", False) and stream_mp4_enabled()
 
 
 def spec_params(spec, prompt: str, image, overrides: dict) -> SamplingParams:

@@ -56,11 +56,14 @@ class Mesh:
         return self.rank % self.ulysses
 
 
-def check_chunks(num_heads: int, ulysses: int, chunks: int) -> None:
-    """``chunks`` head groups (``EngineSettings.ulysses_chunks``) must split each rank's num_heads / ulysses
-    heads evenly; else ``ConfigError`` (a ValueError) naming the numbers."""
+def check_chunks(num_heads: int | None, ulysses: int, chunks: int) -> None:
+    """``chunks`` head groups (``EngineSettings.ulysses_chunks``) are >= 1 and, with ``num_heads`` given,
+    split each rank's num_heads / ulysses heads evenly; else ``ConfigError`` (a ValueError) naming the
+    numbers."""
     if chunks < 1:
         raise ConfigError(f"ulysses chunks must be >= 1, got {chunks}")
+    if num_heads is None:
+        return
     per_rank = num_heads // ulysses
     if per_rank % chunks:
         raise ConfigError(
@@ -85,10 +88,7 @@ def check_split(
         )
     if num_heads is not None and num_heads % ulysses:
         raise ConfigError(f"ulysses {ulysses} must divide the DiT's {num_heads} attention heads")
-    if chunks < 1:
-        raise ConfigError(f"ulysses chunks must be >= 1, got {chunks}")
-    if num_heads is not None and ulysses > 1:
-        check_chunks(num_heads, ulysses, chunks)
+    check_chunks(num_heads if ulysses > 1 else None, ulysses, chunks)  # without Ulysses: unused
 
 
 def make_mesh(cfg_parallel: bool, ulysses: int) -> Mesh:
