@@ -25,7 +25,7 @@
 #   fp8_cold_staged    (not default) as cold_cached with WANFAST_STAGED_LOAD=1
 #   bf16_cold          one bf16 expert read from disk (high) and then from the page cache (low: a link), UMT5 and
 #                      VAE cold; --no-compile
-#   bf16_cold_staged   the same with WANFAST_STAGED_LOAD=1;  bf16_warm (not default): all warm
+#   bf16_cold_staged   the same with WANFAST_STAGED_LOAD=1; bf16_cold_mapped: with 0; bf16_warm (not default)
 # Defaults: FP8_RUNS="cold_compile warm_cached cold_cached warm_staged", BF16_RUNS="cold cold_staged".
 # Environment: SPEC (t2v-A14B), GEN (generate flags of the FP8 runs), GEN_BF16, PROMPT, DEVICE (cuda),
 # COMPILE_CACHE (the --compile-cache folder), SKIP_DD=1 (no h2d / dd probes), H2D_GIB (8), GEN_TIMEOUT (s, 300).
@@ -128,6 +128,7 @@ bf16)
         cold) gen bf16_cold cold none "${bf16_flags[@]}" ;;
         warm) gen bf16_warm warm none "${bf16_flags[@]}" ;;
         cold_staged) WANFAST_STAGED_LOAD=1 gen bf16_cold_staged cold none "${bf16_flags[@]}" ;;
+        cold_mapped) WANFAST_STAGED_LOAD=0 gen bf16_cold_mapped cold none "${bf16_flags[@]}" ;;
         *) echo "unknown bf16 run $run" >&2 ;;
         esac
     done

@@ -148,13 +148,14 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
                GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile",
                FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged warm_mapped",
                SERVE_RUNS="cached nocache", WARM_SIZES="64x48x5", SERVE_ENGINE="",
-               BF16_RUNS="cold warm cold_staged")  # fmt: skip
+               BF16_RUNS="cold warm cold_staged cold_mapped")  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "coldstart_gpu.sh"), "all", "test"],
                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     o = w / "out" / "coldstart"
     runs = ["fp8_cold_compile", "fp8_warm_cached", "fp8_cold_cached", "fp8_warm_serial", "fp8_warm_staged",
-            "fp8_cold_staged", "fp8_warm_mapped", "bf16_cold", "bf16_warm", "bf16_cold_staged"]  # fmt: skip
+            "fp8_cold_staged", "fp8_warm_mapped", "bf16_cold", "bf16_warm", "bf16_cold_staged",
+            "bf16_cold_mapped"]  # fmt: skip
     for name in runs:
         meta = json.loads((o / f"meta_{name}.json").read_text())
         assert meta["rc"] == 0 and meta["dropped"] == 0, (name, (o / f"gen_{name}.log").read_text()[-2000:])
