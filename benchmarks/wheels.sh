@@ -3,7 +3,7 @@
 # the device README) into /tmp/site once per process tree, and puts /tmp/site and the repo on PYTHONPATH.
 # Without .whl/ (CI, a CPU check) nothing is installed and the repo alone is on the path.
 if [ -z "${WHEELS_INSTALLED:-}" ]; then
-    mapfile -t _wheels < <(find .whl -name '*.whl' 2> /dev/null | sort)
+    mapfile -t _wheels < <(find .whl -type f -name '*.whl' 2> /dev/null | sort)
     if [ "${#_wheels[@]}" -gt 0 ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             "${_wheels[@]}" || echo "wheels.sh: some wheels did not install" >&2
