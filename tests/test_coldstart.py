@@ -226,6 +226,29 @@ def test_staged_load_builds_the_same_pipeline(tiny_official, tmp_path, monkeypat
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (source, name)
 
 
+def test_staged_load_default_rule(tiny_official, tmp_path, monkeypatch):
+    """Staged reads by default for CUDA only, and not for files with more float32/64 than the limit (they
+    would sit on the GPU whole before the cast); WANFAST_STAGED_LOAD=0/1 overrides either way."""
+    from safetensors.torch import save_file
+
+    import wanfast.loading.checkpoint as ck
+
+    save_file(
+        {"w": torch.zeros(64, dtype=torch.bfloat16), "s": torch.zeros(4)}, str(tmp_path / "b.safetensors")
+    )
+    bf16 = [tmp_path / "b.safetensors"]  # 16 bytes of float32 scales
+    fp32 = ck.safetensors_files(tiny_official / "high_noise_model", "diffusion_pytorch_model")
+    monkeypatch.delenv("WANFAST_STAGED_LOAD", raising=False)
+    monkeypatch.setattr(ck, "WIDE_STAGE_LIMIT", 1024)
+    assert sum(f.stat().st_size for f in fp32) > 4096  # the tiny model's shards are float32, over the limit
+    assert ck.staged_load_enabled("cuda", bf16) and ck.staged_load_enabled("cuda:1", None)
+    assert not ck.staged_load_enabled("cuda", fp32) and not ck.staged_load_enabled("cpu", bf16)
+    monkeypatch.setenv("WANFAST_STAGED_LOAD", "1")
+    assert ck.staged_load_enabled("cpu", fp32) and ck.staged_load_enabled("cuda", fp32)
+    monkeypatch.setenv("WANFAST_STAGED_LOAD", "0")
+    assert not ck.staged_load_enabled("cuda", bf16)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA: the pinned-buffer path (run on the GPU machine)"
 )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
-from wanfast.config import ConfigError
+from wanfast.config import ConfigError, EngineSettings
 from wanfast.server.testing import ServerProcess
-from wanfast.server.warmup import _overrides, parse_warm_sizes, read_warm, write_warm
+from wanfast.server.warmup import _overrides, parse_warm_sizes, read_warm, warm_up, write_warm
 from wanfast.specs import SPECS, expert_for
 
 
@@ -47,12 +48,36 @@ def test_warm_file_counts_only_for_its_process(tmp_path):
 def test_warm_up_runs_each_expert_once():
     """The two warm-up steps of a two-expert model: the first on the high-noise expert, the second on the
     low-noise one (both experts' first calls happen before a request)."""
-    from types import SimpleNamespace
-
     from wanfast.solvers import make_solver
 
     for name in ("tiny", "t2v-A14B", "i2v-A14B"):
         spec = SPECS[name]
-        over = _overrides(SimpleNamespace(spec=spec), (64, 48, 5))
+        over = _overrides(SimpleNamespace(spec=spec, settings=EngineSettings()), (64, 48, 5))
         ts = make_solver(spec.defaults.solver, over["steps"], spec.defaults.shift).timesteps.tolist()
         assert [expert_for(spec.experts, t, over["boundary"]) for t in ts] == ["high_noise", "low_noise"]
+
+
+def test_unguided_warm_up_compiles_what_a_guided_request_runs():
+    """The warm-up runs one conditional pass per step (guidance 1; a CFG-parallel worker keeps the pair):
+    a guided request of the same size afterwards compiles nothing (error_on_recompile), so halving the
+    warm-up's DiT passes leaves no compile to the first request."""
+    import torch
+
+    from wanfast.builder import build_pipeline
+
+    assert (
+        _overrides(SimpleNamespace(spec=SPECS["tiny"], settings=EngineSettings()), (64, 48, 5))["guidance"]
+        == 1
+    )
+    split = SimpleNamespace(spec=SPECS["tiny"], settings=EngineSettings(cfg_parallel=True))
+    assert "guidance" not in _overrides(split, (64, 48, 5))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    pipe = build_pipeline("tiny", EngineSettings(device="cpu", compile=True))
+    warm_up(pipe, [(64, 48, 5)])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = pipe.generate("a guided request", size=(64, 48), frames=5, steps=3, guidance=5.0)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert out.forwards["computed"] == 6  # guided: two passes per step, all from the warmed graphs

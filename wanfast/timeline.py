@@ -207,12 +207,21 @@ def report(pipeline_timings: dict | None = None, **extra: object) -> dict:
     }
 
 
+def _experts_staged(plan) -> bool:
+    """Whether the build read the experts with ``read_staged`` (the default's rule, for the report)."""
+    from wanfast.loading.checkpoint import safetensors_files, staged_load_enabled
+    from wanfast.loading.layout import DIT_WEIGHTS
+
+    files = safetensors_files(plan.paths.first_expert, DIT_WEIGHTS) if plan.paths else None
+    return staged_load_enabled("cpu" if plan.settings.offload else plan.settings.device, files)
+
+
 def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
     """``--timings FILE``: mark the MP4 written, then write ``report`` with the run's context."""
     import json
     from pathlib import Path
 
-    from wanfast.loading.checkpoint import load_readers, staged_load_enabled
+    from wanfast.loading.checkpoint import load_readers
 
     mark("mp4")
     out = report(
@@ -224,7 +233,7 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
         params=None if result is None else {"width": result.params.width, "height": result.params.height,
                                             "frames": result.params.frames, "steps": result.params.steps},
         load_threads=os.environ.get("WANFAST_LOAD_THREADS", "1") != "0",
-        staged_load=staged_load_enabled(),
+        staged_load=_experts_staged(plan),
         load_readers=load_readers(),
         pid=os.getpid(),
     )  # fmt: skip
