@@ -265,3 +265,18 @@ def test_staged_reads_on_cuda_equal_mapped_reads(tiny_official, tmp_path):
         for k, t in ref.items():
             assert got[k].device.type == "cuda" and got[k].dtype == t.dtype and got[k].shape == t.shape, k
             assert torch.equal(got[k].cpu().reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
+
+
+def test_load_module_consumes_its_state_dict():
+    """``load_module`` pops each source tensor as it casts it (a staged read's GPU copy is freed tensor by
+    tensor, not after the whole model is cast): the dict is empty after, the values cast exactly."""
+    import weakref
+
+    from wanfast.loading.checkpoint import load_module
+
+    src = {"weight": torch.randn(4, 3, dtype=torch.bfloat16), "bias": torch.randn(4, dtype=torch.bfloat16)}
+    want = {k: v.float() for k, v in src.items()}
+    alive = weakref.ref(src["weight"])
+    model = load_module(lambda: torch.nn.Linear(3, 4), src, "cpu", torch.float32, "a linear")
+    assert src == {} and alive() is None  # the bf16 source is gone once its float32 copy exists
+    assert all(torch.equal(model.state_dict()[k], v) and v.dtype == torch.float32 for k, v in want.items())

@@ -306,14 +306,16 @@ def load_module(
 
     Each tensor moves to ``device`` on its own, floating tensors cast to ``dtype`` (or float32 where
     ``keep_fp32(name)``). Non-persistent buffers are rebuilt by the module's ``init_buffers(device)`` if
-    it has one.
+    it has one. ``state_dict`` is consumed (empty after): a source already on the device (staged reads)
+    is freed as its cast copy is made, so a cast never holds the whole model twice there.
     """
     with torch.device("meta"):
         model = build()
     ref = model.state_dict()
     check_state_dict(ref, state_dict, what)
     converted = {}
-    for name, t in state_dict.items():
+    for name in list(state_dict):
+        t = state_dict.pop(name)
         target = (torch.float32 if keep_fp32(name) else dtype) if t.is_floating_point() else t.dtype
         converted[name] = t.to(device=device, dtype=target)
     model.load_state_dict(converted, strict=True, assign=True)
