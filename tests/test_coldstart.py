@@ -280,3 +280,25 @@ def test_load_module_consumes_its_state_dict():
     model = load_module(lambda: torch.nn.Linear(3, 4), src, "cpu", torch.float32, "a linear")
     assert src == {} and alive() is None  # the bf16 source is gone once its float32 copy exists
     assert all(torch.equal(model.state_dict()[k], v) and v.dtype == torch.float32 for k, v in want.items())
+
+
+def test_staged_read_failure_falls_back_to_mapped_reads(tiny_official, monkeypatch, caplog):
+    """A staged read that fails for a system reason (pinned memory refused) falls back to the mapped files
+    with a warning when staged reads are only the default; with WANFAST_STAGED_LOAD=1 the error stands."""
+    import wanfast.loading.checkpoint as ck
+
+    def refuse(files, device):
+        raise RuntimeError("cudaHostAlloc: out of memory")
+
+    files = ck.safetensors_files(tiny_official / "high_noise_model", "diffusion_pytorch_model")
+    monkeypatch.setattr(ck, "staged_load_enabled", lambda device, files=None: True)
+    monkeypatch.setattr(ck, "read_staged", refuse)
+    monkeypatch.delenv("WANFAST_STAGED_LOAD", raising=False)
+    with caplog.at_level("WARNING", logger="wanfast.loading"):
+        got = ck.read_safetensors(files, "cuda")
+    assert "staged reads failed (cudaHostAlloc" in caplog.text
+    ref = dict(ck.iter_safetensors(files))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    monkeypatch.setenv("WANFAST_STAGED_LOAD", "1")
+    with pytest.raises(RuntimeError, match="cudaHostAlloc"):
+        ck.read_safetensors(files, "cuda")

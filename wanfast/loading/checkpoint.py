@@ -9,6 +9,7 @@ them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+log = logging.getLogger("wanfast.loading")
 
 
 class CheckpointError(ValueError):
@@ -99,7 +102,12 @@ def read_safetensors(files: list[Path], device: str | torch.device | None = None
     staged loading on for it (``staged_load_enabled``), tensors already on ``device`` (``read_staged``).
     The same bytes either way."""
     if device is not None and staged_load_enabled(device, files):
-        return read_staged(files, device)
+        try:
+            return read_staged(files, device)
+        except (RuntimeError, OSError) as e:  # e.g. pinned memory refused (a container's memlock limit)
+            if os.environ.get("WANFAST_STAGED_LOAD") == "1":  # asked for by name: no quiet fallback
+                raise
+            log.warning("staged reads failed (%s): reading %s through the mapped files", e, files[0].parent)
     return dict(iter_safetensors(files))
 
 
