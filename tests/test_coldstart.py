@@ -209,14 +209,15 @@ def test_staged_reads_equal_mapped_reads(tiny_official, tmp_path):
                 ), k
 
 
-def test_staged_load_builds_the_same_pipeline(tiny_official, tmp_path, monkeypatch):
-    """WANFAST_STAGED_LOAD=1 builds bit-identical experts: fp32 files cast to bf16, and an FP8 checkpoint
-    (its q/k/v concatenated after the read)."""
+def test_staged_load_builds_the_same_pipeline(tiny_official, tiny_diffusers, tmp_path, monkeypatch):
+    """WANFAST_STAGED_LOAD=1 builds bit-identical experts: fp32 files cast to bf16 (official and Diffusers
+    layouts: the Diffusers keys renamed after the read), and an FP8 checkpoint (its q/k/v concatenated
+    after the read)."""
     from wanfast.tools.quantize import quantize_checkpoint
 
     quantize_checkpoint(tiny_official, tmp_path / "fp8")
     s = EngineSettings(device="cpu", dtype=torch.bfloat16)
-    for source in (tiny_official, tmp_path / "fp8"):
+    for source in (tiny_official, tiny_diffusers, tmp_path / "fp8"):
         monkeypatch.setenv("WANFAST_STAGED_LOAD", "0")
         mapped = build_pipeline(source, s)
         monkeypatch.setenv("WANFAST_STAGED_LOAD", "1")

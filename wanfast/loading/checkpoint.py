@@ -218,6 +218,8 @@ def read_staged(
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # the caller's current device, resolved here: a thread's starts at 0
+        device = torch.device("cuda", torch.cuda.current_device())
     out, chunks = _plan_chunks(files, device, stage_bytes)
     fds = {p: os.open(p, os.O_RDONLY) for p in dict.fromkeys(c[0] for c in chunks)}
     local, states = threading.local(), []
@@ -231,6 +233,7 @@ def read_staged(
             return
         st = getattr(local, "st", None)
         if st is None:  # [pinned buffers, their copies' events, turn, stream]
+            torch.cuda.set_device(device)  # this thread's pinned buffers and stream on the tensors' GPU
             st = local.st = [[None, None], [None, None], 0, torch.cuda.Stream(device)]
             with lock:
                 states.append(st)
