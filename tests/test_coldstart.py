@@ -303,3 +303,24 @@ def test_staged_read_failure_falls_back_to_mapped_reads(tiny_official, monkeypat
     monkeypatch.setenv("WANFAST_STAGED_LOAD", "1")
     with pytest.raises(RuntimeError, match="cudaHostAlloc"):
         ck.read_safetensors(files, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two CUDA devices (run on nvidia-h200-x2)")
+def test_staged_reads_follow_the_current_device(tiny_official):
+    """Under torchrun a rank's device is a bare 'cuda' with its current device set to LOCAL_RANK: the
+    reader threads (whose current device starts at 0) must stage on that GPU, not on GPU 0, whose streams
+    would not order the copies against the buffers' reuse."""
+    from wanfast.loading.checkpoint import read_safetensors, read_staged, safetensors_files
+
+    files = safetensors_files(tiny_official / "high_noise_model", "diffusion_pytorch_model")
+    ref = read_safetensors(files)
+    before = torch.cuda.current_device()
+    try:
+        torch.cuda.set_device(1)
+        got = read_staged(files, "cuda", 97, 8)
+        torch.cuda.synchronize(1)
+    finally:
+        torch.cuda.set_device(before)
+    for k, t in ref.items():
+        assert got[k].device == torch.device("cuda", 1), k
+        assert torch.equal(got[k].cpu().reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
