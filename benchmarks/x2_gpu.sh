@@ -16,6 +16,9 @@ stage=$1 commit=$2
 export WANFAST_COMMIT=$commit NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 source benchmarks/wheels.sh
 export PYTHONUNBUFFERED=1
+# the CUDA tests of the staged reads first (one and two GPUs: a rank on cuda:1 must stage there); by exit status
+python3 -m pytest -q -p no:cacheprovider tests/test_coldstart.py -k "cuda or current_device" > /tmp/wf_x2_cuda_test.txt 2>&1
+echo "staged-read CUDA tests: exit $? (/tmp/wf_x2_cuda_test.txt)"
 d=/tmp/wf/x2_$stage
 rm -rf "$d"
 case "$stage" in
