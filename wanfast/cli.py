@@ -279,7 +279,7 @@ def generate(args: argparse.Namespace) -> int:
         extra = f", self-attention {own}" if own != attention.active_backend() else ""
         print(f"model: {spec.name}; attention backend: {attention.active_backend()}{extra}", file=sys.stderr)
 
-    from wanfast.video import Mp4Writer, finish_mp4
+    from wanfast.video import Mp4Writer, finish_mp4, stream_mp4_enabled
 
     def write(result, output: Path, latents: Path | None, fps: int, writer: Mp4Writer | None = None) -> None:
         finish_mp4(writer, result.frames, output, fps)  # streamed: only the encoder's tail is left here
@@ -290,8 +290,6 @@ def generate(args: argparse.Namespace) -> int:
             save_file({"latents": result.latents.contiguous()}, str(latents))
 
     fps = args.fps or spec.defaults.fps
-    from wanfast.video import stream_mp4_enabled
-
     # the process that writes the file encodes it meanwhile, unless --no-stream-mp4 / WANFAST_STREAM_MP4=0
     stream = rank == 0 and not args.no_stream_mp4 and stream_mp4_enabled()
     progress_for, on_stage = _progress_for(args, rank), _on_stage(args, rank)

@@ -53,8 +53,9 @@ def safetensors_files(folder: str | os.PathLike, stem: str) -> list[Path]:
     raise FileNotFoundError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {folder}")
 
 
-def _check_safetensors_size(path: Path) -> None:
-    """safetensors maps the file; a truncated file must fail here with its name, not later in a copy."""
+def _header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, parsed header) of a safetensors file, read once; a truncated or
+    corrupt file fails here with its name (safetensors maps the file: not later, in a copy)."""
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"truncated safetensors file {path} ({size} bytes)")
@@ -71,12 +72,13 @@ def _check_safetensors_size(path: Path) -> None:
         raise CheckpointError(
             f"truncated safetensors file {path}: {size} bytes, header needs {8 + header_len + end}"
         )
+    return 8 + header_len, header
 
 
 def tensor_shape(files: list[Path], key: str) -> tuple[int, ...] | None:
     """The shape of ``key`` from the safetensors headers of ``files`` (no tensor data read), or None."""
     for path in files:
-        _check_safetensors_size(path)
+        _header(path)  # size and header checked before safetensors maps the file
         with safe_open(str(path), framework="pt", device="cpu") as f:
             if key in f.keys():
                 return tuple(f.get_slice(key).get_shape())
@@ -86,7 +88,7 @@ def tensor_shape(files: list[Path], key: str) -> tuple[int, ...] | None:
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, CPU tensor backed by the mapped file) for every tensor of every shard."""
     for path in files:
-        _check_safetensors_size(path)
+        _header(path)  # size and header checked before safetensors maps the file
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -105,10 +107,16 @@ def read_safetensors(files: list[Path], device: str | torch.device | None = None
         try:
             return read_staged(files, device)
         except (RuntimeError, OSError) as e:  # e.g. pinned memory refused (a container's memlock limit)
-            if os.environ.get("WANFAST_STAGED_LOAD") == "1":  # asked for by name: no quiet fallback
+            if _staged_forced():  # asked for by name: no quiet fallback
                 raise
             log.warning("staged reads failed (%s): reading %s through the mapped files", e, files[0].parent)
     return dict(iter_safetensors(files))
+
+
+def _staged_forced() -> bool | None:
+    """``WANFAST_STAGED_LOAD``: "1" True (always staged), "0" False (never), else None (the default rule)."""
+    env = os.environ.get("WANFAST_STAGED_LOAD", "")
+    return env == "1" if env in ("0", "1") else None
 
 
 WIDE_STAGE_LIMIT = 2**30  # float32/64 bytes above which the default leaves a file to the mapped path
@@ -120,9 +128,9 @@ def staged_load_enabled(device: str | torch.device, files: list[Path] | None = N
     H200 host: a bf16 expert from the page cache 21.7 GB/s vs 6.7 mapped, from disk 1.21x vs 1.48x the
     ``dd`` time), except for files holding over 1 GiB of float32/64: those land on the GPU whole in their
     own dtype before the cast, so the mapped path, which casts tensor by tensor, keeps the peak lower."""
-    env = os.environ.get("WANFAST_STAGED_LOAD", "")
-    if env in ("0", "1"):
-        return env == "1"
+    forced = _staged_forced()
+    if forced is not None:
+        return forced
     if torch.device(device).type != "cuda":
         return False
     wide = 0
@@ -148,13 +156,6 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
 STAGE_BYTES = 32 * 2**20  # one read: large for the disk and the copy engine; 2 per reader thread in flight
-
-
-def _header(path: Path) -> tuple[int, dict]:
-    _check_safetensors_size(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return 8 + n, json.loads(f.read(n))
 
 
 def _pread(fd: int, view: memoryview, offset: int, path: Path) -> None:

@@ -3,10 +3,10 @@ is ready, so the first request of that size finds its graphs compiled (and, with
 compile comes from the cache), cuDNN's VAE choices made and the memory pools grown.
 
 The warm-up is a short generation (``WARM_STEPS`` steps; a two-expert model runs each expert once, the
-boundary set between the two steps; unguided, as guidance reruns the same graphs) with a fixed prompt, and a grey image for a model that needs one. Every
-rank of a split worker runs it (the ranks' collectives must match). Rank 0 writes the sizes done to
-``<data_dir>/workers/<name>/warm.json`` with its pid; ``/health`` lists them for the worker whose pid it
-is (a file left by an earlier process does not count).
+boundary set between the two steps; unguided, as guidance reruns the same graphs) with a fixed prompt,
+and a grey image for a model that needs one. Every rank of a split worker runs it (the ranks' collectives
+must match). Rank 0 writes the sizes done to ``<data_dir>/workers/<name>/warm.json`` with its pid;
+``/health`` lists them for the worker whose pid it is (a file left by an earlier process does not count).
 """
 
 from __future__ import annotations
