@@ -25,7 +25,8 @@ for split in ${SPLITS:-one cfg2 u2 cfg2xu2 u4 cfg2xu4 u8}; do
     p=${procs[$split]}
     [ "$p" -le "$n" ] || continue
     what=${WHAT:-forward,step,generate}  # WHAT=forward,step: the table without the 40-step generations
-    [ "$split" = one ] && what=${what/,generate/}  # one GPU, 40 steps at 720p: 806 s measured (BENCHMARKS.md)
+    # one GPU, 40 steps at 720p: 806 s measured (BENCHMARKS.md): its generation only when 720p is not asked for
+    case ${SIZES:-1280x720} in *1280x720*) [ "$split" = one ] && what=${what/,generate/} ;; esac
     chunks=1
     case $split in u2 | u4 | u8) chunks=${UCHUNKS:-1} ;; esac
     for g in ${chunks//,/ }; do
