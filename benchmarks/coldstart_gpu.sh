@@ -133,11 +133,14 @@ bf16)
         esac
     done
     ;;
-serve)  # SERVE_RUNS: "cached" (the fp8 stage's compile cache) and/or "nocache" (compiles at start)
+serve)  # SERVE_RUNS: "cached" (the fp8 stage's compile cache) and/or "nocache" (compiles at start); a name
+    # ending in _noprelaunch adds --no-prelaunch (the worker started after the server's checks), e.g. cached_noprelaunch
     for run in ${SERVE_RUNS:-cached}; do
-        cc=(); [ "$run" = cached ] && cc=(--compile-cache "$COMPILE_CACHE")
+        cc=() extra=()
+        case $run in cached*) cc=(--compile-cache "$COMPILE_CACHE") ;; esac
+        case $run in *_noprelaunch) extra=(--no-prelaunch) ;; esac
         "${helper[@]}" serve --ckpt "$CKPT" --warm-sizes "${WARM_SIZES:-832x480x81}" \
-            --engine "--device $DEVICE ${SERVE_ENGINE---self-attention fa3-fp8} ${cc[*]}" --out "$o/serve_$run.json"
+            --engine "--device $DEVICE ${SERVE_ENGINE---self-attention fa3-fp8} ${cc[*]} ${extra[*]}" --out "$o/serve_$run.json"
         python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('serve', sys.argv[2], d['ready_s'], d['health'].get('status'))" "$o/serve_$run.json" "$run"
     done
     ;;

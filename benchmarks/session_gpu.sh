@@ -6,7 +6,8 @@
 #           WANFAST_STAGED_LOAD=0 for the rest (the default reads staged on CUDA), and says so
 #   fp8     coldstart_gpu.sh write-fp8, then fp8 with FP8_RUNS (default: cold + empty compile cache, warm +
 #           cache, and warm + cache with WANFAST_STAGED_LOAD=0: the off switch in the same run), dd and h2d
-#   serve   `wanfast serve` to /health 200 with 832x480x81 warm (compile cache from fp8; carry .whl/serve)
+#   serve   `wanfast serve` to /health 200 with 832x480x81 warm (compile cache from fp8; carry .whl/serve);
+#           SERVE_RUNS (default cached) as coldstart_gpu.sh, e.g. "cached cached_noprelaunch"
 #   bf16    coldstart_gpu.sh write-bf16, bf16 (one bf16 expert cold from disk, then warm: the low-noise
 #           link), staged and mapped
 #   turbo   turbo_gpu.py --no-quality: lightning-4step + FP8 fast mode end to end, 1280x720x81 and 832x480x81
@@ -38,7 +39,7 @@ run)
             bash benchmarks/coldstart_gpu.sh write-fp8 "$WANFAST_COMMIT" || echo "write-fp8 failed"
             FP8_RUNS=${FP8_RUNS:-cold_compile warm_cached warm_mapped} bash benchmarks/coldstart_gpu.sh fp8 \
                 "$WANFAST_COMMIT" || echo "fp8 failed" ;;
-        serve) SERVE_RUNS=cached bash benchmarks/coldstart_gpu.sh serve "$WANFAST_COMMIT" || echo "serve failed" ;;
+        serve) SERVE_RUNS=${SERVE_RUNS:-cached} bash benchmarks/coldstart_gpu.sh serve "$WANFAST_COMMIT" || echo "serve failed" ;;
         bf16)
             bash benchmarks/coldstart_gpu.sh write-bf16 "$WANFAST_COMMIT" || echo "write-bf16 failed"
             BF16_RUNS=${BF16_RUNS:-cold_staged cold_mapped} bash benchmarks/coldstart_gpu.sh bf16 "$WANFAST_COMMIT" ||

@@ -26,7 +26,7 @@ def restarted(tmp_path_factory):
     """Three jobs accepted, the server SIGKILLed during the first, then started again on the same data.
     Yields (running server, data dir, accepted ids, step the first job had reached)."""
     data = tmp_path_factory.mktemp("restart")
-    first = ServerProcess(data, *ARGS).start()
+    first = ServerProcess(data, *ARGS, "--no-prelaunch").start()  # the plain start; the second prelaunches
     try:
         with first.client() as c:
             ids = [

@@ -13,9 +13,13 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wanfast.config import ConfigError, SamplingParams
 from wanfast.flags import add_engine_flags, add_model_source, engine_settings
+
+if TYPE_CHECKING:  # the pool module is imported where a pool starts
+    from wanfast.server.pool import Held
 
 log = logging.getLogger("wanfast.server")
 
@@ -64,6 +68,9 @@ def add_pool_flags(p: argparse.ArgumentParser) -> None:
                       help="a worker with no heartbeat for S seconds (hung, or stopped) is replaced (default 30)")  # fmt: skip
     pool.add_argument("--db-timeout", type=float, default=30.0, metavar="S",
                       help="seconds a job-database write waits for its lock before it fails (default 30)")  # fmt: skip
+    pool.add_argument("--no-prelaunch", dest="prelaunch", action="store_false",
+                      help="start the worker processes only after the flags and the model are checked, not "
+                      "beside those checks (their imports then add to the time to ready)")  # fmt: skip
     pool.add_argument("--warm-sizes", default=None, metavar="WxHxF[,...]",
                       help="each worker runs these sizes once (compiling them) before /health says it is ready")  # fmt: skip
     lib = p.add_argument_group("LoRA library")
@@ -187,16 +194,18 @@ def _exit_cleanly(signum: int, frame) -> None:
     raise SystemExit(0)
 
 
-def _pool_plan(args: argparse.Namespace, num_heads: int):
-    """The pool's slots from --gpus / --gpus-per-worker / --workers, checked before anything starts."""
-    from wanfast.parallel.dist import check_split
+def _pool_plan(args: argparse.Namespace, num_heads: int | None):
+    """The pool's slots from --gpus / --gpus-per-worker / --workers, checked before anything starts
+    (``num_heads`` None: the split over a slot's GPUs is not checked yet)."""
     from wanfast.server.pool import parse_gpus, plan_slots, slot_split
 
     gpus = parse_gpus(args.gpus) if args.gpus is not None else None
     if gpus is not None and (args.device or "cuda").startswith("cpu"):
         raise ConfigError("--gpus needs CUDA devices; on the CPU use --workers N")
     slots = plan_slots(gpus, args.gpus_per_worker, args.workers)
-    if args.gpus_per_worker > 1:
+    if args.gpus_per_worker > 1 and num_heads is not None:
+        from wanfast.parallel.dist import check_split  # (torch: not before ``prelaunch``)
+
         split = slot_split(args.gpus_per_worker)
         check_split(
             split["cfg_parallel"], split["ulysses"], args.gpus_per_worker, num_heads, args.ulysses_chunks
@@ -204,7 +213,29 @@ def _pool_plan(args: argparse.Namespace, num_heads: int):
     return slots
 
 
+def prelaunch(args: argparse.Namespace) -> Held | None:
+    """The pool's worker processes, started now (``pool.Held``: they import while the caller checks the
+    flags, the model and the store, then wait for the pool to assign them), or None (``--no-prelaunch``,
+    an API-only process). Only the flags that name the slots are checked first."""
+    if getattr(args, "api_only", False) or not args.prelaunch:
+        return None
+    from wanfast.server.pool import Held
+    from wanfast.server.scale import pool_slots, resolve_store
+
+    resolve_store(args)  # the slots' names depend on the store (PostgreSQL: the pool's name)
+    return Held(pool_slots(args, _pool_plan(args, None)), args.data_dir.resolve())
+
+
 def serve_main(args: argparse.Namespace) -> int:
+    held = prelaunch(args)
+    try:
+        return _serve(args, held)
+    finally:
+        if held is not None:
+            held.close()  # those the pool did not take (a failed check): they only imported
+
+
+def _serve(args: argparse.Namespace, held: Held | None) -> int:
     import uvicorn
 
     from wanfast.builder import open_model, plan
@@ -268,7 +299,7 @@ def serve_main(args: argparse.Namespace) -> int:
     why, fits = check_memory(config, model)
     if why:
         log.info("%s", why)
-    pool = WorkerPool(store, config, results, slots, hang_seconds=args.worker_timeout) if slots else None
+    pool = WorkerPool(store, config, results, slots, args.worker_timeout, held) if slots else None
     reaper = Reaper(store, results) if store.videos_in_db else None  # PostgreSQL: leases of other hosts too
 
     def workers_alive() -> dict[str, bool]:  # this pool's by its processes, other pools' by heartbeats

@@ -123,6 +123,13 @@ class _Process:
     def silent_for(self) -> float:
         return time.monotonic() - self.last_beat
 
+    def assign(self, message: dict) -> None:
+        """Give the process its job as a worker: one JSON line on its stdin (``worker._assignment``). A
+        process launched ahead (``Held``) has imported while it waited; its heartbeat clock starts now."""
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+        self.started = self.last_beat = time.monotonic()
+
     def stop(self, timeout: float) -> None:
         """Close its stdin (it exits at once), then kill it if it has not within ``timeout``."""
         if self.proc.poll() is None:
@@ -139,6 +146,52 @@ class _Process:
         self.proc.wait()
 
 
+def launch(slot: Slot, data_dir: str | Path) -> list[_Process]:
+    """The slot's processes: each imports what every worker needs, then waits for its assignment on stdin
+    (``_Process.assign``); EOF there ends it having loaded nothing. Its command line names only where and
+    who it is (``ps``; ``server.testing`` finds workers by it)."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
+    if slot.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot.label
+    port = _free_port() if slot.ranks > 1 else 0
+    procs = []
+    for rank in range(slot.ranks):
+        if slot.ranks > 1:  # the environment torchrun would give (wanfast.parallel.init_distributed)
+            env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(slot.ranks),
+                   "LOCAL_WORLD_SIZE": str(slot.ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        where, who = json.dumps({"data_dir": str(data_dir)}), json.dumps({"name": slot.name, "rank": rank})
+        procs.append(_Process([sys.executable, "-m", "wanfast.server.worker", where, who], env))
+    return procs
+
+
+class Held:
+    """Worker processes launched before the server has checked its flags and the model (``prelaunch``):
+    their interpreter start and imports (seconds: torch, transformers) overlap the server's own. They
+    touch no GPU, file or job store until the pool assigns them a slot; ``close`` kills the ones it
+    did not take (a failed check, a stop)."""
+
+    def __init__(self, slots: list[Slot], data_dir: str | Path) -> None:
+        self._procs = [(s, launch(s, data_dir)) for s in slots]
+
+    def take(self, slot: Slot) -> list[_Process] | None:
+        """The processes launched for ``slot``, once; None when none were, or one has died."""
+        for i, (launched, procs) in enumerate(self._procs):
+            if launched == slot:
+                del self._procs[i]
+                if all(p.proc.poll() is None for p in procs):
+                    return procs
+                for p in procs:
+                    p.kill()
+                return None
+        return None
+
+    def close(self) -> None:
+        for _, procs in self._procs:
+            for p in procs:
+                p.kill()  # nothing to lose: they only imported
+        self._procs = []
+
+
 class WorkerPool:
     """The slots' supervisor threads, in the web process (or in ``generate --gpus``)."""
 
@@ -149,8 +202,10 @@ class WorkerPool:
         results_dir: Path,
         slots: list[Slot],
         hang_seconds: float = HANG_SECONDS,
+        held: Held | None = None,
     ) -> None:
         self.store, self.config, self.results_dir, self.slots = store, config, results_dir, slots
+        self._held = held  # processes launched ahead for these slots (``prelaunch``), taken at first spawn
         self.hang_seconds = hang_seconds
         self._stop = threading.Event()
         self._procs: dict[str, list[_Process]] = {s.name: [] for s in slots}
@@ -184,21 +239,19 @@ class WorkerPool:
 
     def _spawn(self, slot: Slot, owner: str) -> list[_Process]:
         cfg = {**self.config, **slot_split(slot.ranks)}
-        env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
-        if slot.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = slot.label
-        if self.config.get("store") == "env":  # a PostgreSQL URL: by environment, never in a command line
+        env = {}
+        if self.config.get("store") == "env":  # a PostgreSQL URL: never in a command line
             env["WANFAST_STORE"] = str(self.store.path)
-        port = _free_port() if slot.ranks > 1 else 0
-        procs = []
-        for rank in range(slot.ranks):
-            if slot.ranks > 1:  # the environment torchrun would give (wanfast.parallel.init_distributed)
-                env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(slot.ranks),
-                       "LOCAL_WORLD_SIZE": str(slot.ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-            info = {"owner": owner, "name": slot.name, "rank": rank, "world": slot.ranks,
-                    "threads": self._threads_per_proc}  # fmt: skip
-            cmd = [sys.executable, "-m", "wanfast.server.worker", json.dumps(cfg), json.dumps(info)]
-            procs.append(_Process(cmd, env))
+        procs = (self._held.take(slot) if self._held is not None else None) or launch(slot, cfg["data_dir"])
+        try:
+            for rank, p in enumerate(procs):
+                info = {"owner": owner, "name": slot.name, "rank": rank, "world": slot.ranks,
+                        "threads": self._threads_per_proc}  # fmt: skip
+                p.assign({"cfg": cfg, "slot": info, "env": env})
+        except OSError:  # one died before its line (a broken pipe): the slot's others must not wait on
+            for p in procs:
+                p.kill()
+            raise
         return procs
 
     def _watch(self, slot: Slot, procs: list[_Process]) -> str:
@@ -259,6 +312,8 @@ class WorkerPool:
         self._stop.set()
         for t in self._threads:  # each returns within a watch interval; none starts a process after
             t.join(timeout)
+        if self._held is not None:
+            self._held.close()
         procs = [p for ps in self._procs.values() for p in ps]
         for p in procs:  # all at once: a worker exits as soon as its stdin closes
             if p.proc.poll() is None:

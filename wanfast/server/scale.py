@@ -24,9 +24,13 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wanfast.config import ConfigError
 from wanfast.server.storedb import STORE_ERRORS, is_postgres, redact_url
+
+if TYPE_CHECKING:  # the pool module is imported where a pool starts
+    from wanfast.server.pool import Held
 
 log = logging.getLogger("wanfast.server.scale")
 REAP_SECONDS = 1.0
@@ -136,15 +140,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def worker_main(args: argparse.Namespace) -> int:
     """``wanfast worker``: the pool of ``wanfast serve`` without its web process, until SIGINT/SIGTERM."""
+    from wanfast.server.cli import prelaunch
+
+    resolve_store(args)
+    url = require_postgres(args, "wanfast worker")
+    options = store_options(args)
+    held = prelaunch(args)
+    try:
+        return _worker_pool(args, url, options, held)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _worker_pool(args: argparse.Namespace, url: str, options: dict, held: Held | None) -> int:
     from wanfast.builder import open_model, plan
     from wanfast.flags import engine_settings
     from wanfast.server.cli import _lock, _pool_plan, check_pool_args, worker_config
     from wanfast.server.jobs import open_store
     from wanfast.server.pool import WorkerPool
 
-    resolve_store(args)
-    url = require_postgres(args, "wanfast worker")
-    options = store_options(args)
     model = open_model(args.model or args.ckpt_dir)  # a wrong folder fails here, not in a restart loop
     plan(model, engine_settings(args))
     check_pool_args(args, model)
@@ -157,7 +172,7 @@ def worker_main(args: argparse.Namespace) -> int:
     results.mkdir(parents=True, exist_ok=True)
     store = open_store(url, results, args.db_timeout, **options)  # a server it cannot reach: a clear error
     lock = _lock(data_dir)  # one pool per data folder: the slots' scratch folders are named alike
-    pool = WorkerPool(store, worker_config(args, data_dir), results, slots, hang_seconds=args.worker_timeout)
+    pool = WorkerPool(store, worker_config(args, data_dir), results, slots, args.worker_timeout, held)
     reaper = Reaper(store, results)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)

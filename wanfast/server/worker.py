@@ -1,8 +1,12 @@
 """A worker process: the only kind of process that touches a device. It loads the pipeline once, keeps it
 warm, and runs queued jobs one at a time from the job store.
 
-``wanfast.server.pool`` starts it (``python -m wanfast.server.worker CONFIG SLOT``: the engine config of
-``server.cli.worker_config`` and the slot's token, name, rank and world size as JSON) and watches it: the
+``wanfast.server.pool`` starts it (``python -m wanfast.server.worker WHERE WHO``: its data folder, slot
+name and rank, as JSON, for ``ps``); it imports what every worker needs, then reads its assignment, one
+JSON line on stdin: the engine config of ``server.cli.worker_config``, the slot's token, name, rank and
+world size, and environment variables (a PostgreSQL URL). A pool may start it before the server has
+checked its flags (``pool.Held``): it touches no device, file or store before that line, and EOF instead
+of it ends it. The pool watches it: the
 worker writes a heartbeat line to its stdout every ``HEARTBEAT_SECONDS`` (its prints go to stderr), and
 exits as soon as its parent does (its stdin reaches EOF), so a killed server leaves no process holding a
 GPU. A worker of K ranks (a slot of K GPUs) splits every video over them: rank 0 claims the job and
@@ -256,11 +260,32 @@ def _control_group(world: int):
     return broadcast
 
 
-def main(argv: list[str] | None = None) -> int:
+def _preload() -> None:
+    """What every worker imports before it can build (seconds: torch, the builder, transformers' text
+    encoder classes), done while it waits for its assignment: under ``pool.Held`` that wait overlaps
+    the server's own start and checks."""
+    import wanfast.builder  # noqa: F401  (torch with it)
+    from wanfast.loading.text_encoder import import_backend
+
+    import_backend()
+
+
+def _assignment() -> tuple[dict, dict]:
+    """(config, slot) from the one JSON line the pool writes on stdin (``pool._Process.assign``); its
+    environment variables are set here. EOF first: the server gave up before assigning it."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        raise SystemExit(0)
+    message = json.loads(line)
+    os.environ.update(message.get("env", {}))
+    return message["cfg"], message["slot"]
+
+
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    args = argv or sys.argv[1:]
-    cfg, slot = json.loads(args[0]), json.loads(args[1])
-    beat_fd = _heartbeat_fd()
+    beat_fd = _heartbeat_fd()  # first: no print of an import may reach the pool as a heartbeat
+    _preload()
+    cfg, slot = _assignment()
     _exit_with_parent()
     owner, rank, world = slot["owner"], slot["rank"], slot["world"]
     data_dir = Path(cfg["data_dir"])
