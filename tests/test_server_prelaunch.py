@@ -54,7 +54,7 @@ def test_a_refused_serve_kills_its_prelaunched_workers(tmp_path, monkeypatch, ex
 
 
 def test_held_processes_go_to_the_slot_they_were_launched_for(tmp_path):
-    held = pool_mod.Held([Slot("w0"), Slot("w1")], tmp_path)
+    held, w1 = pool_mod.Held([Slot("w0"), Slot("w1")], tmp_path), None
     try:
         assert held.take(Slot("w9")) is None, "a slot launched for nobody gets a fresh launch"
         w1 = held.take(Slot("w1"))
@@ -62,6 +62,6 @@ def test_held_processes_go_to_the_slot_they_were_launched_for(tmp_path):
         assert held.take(Slot("w1")) is None, "taken once"
     finally:
         held.close()
-        for p in w1:
+        for p in w1 or []:
             p.kill()
     assert held.take(Slot("w0")) is None, "closed: none left to take"
