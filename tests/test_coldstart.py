@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wanfast import timeline
 from wanfast.accel.compile_cache import CompileCache, model_key, size_name
 from wanfast.builder import build_pipeline
 from wanfast.config import EngineSettings
@@ -295,9 +296,13 @@ def test_staged_read_failure_falls_back_to_mapped_reads(tiny_official, monkeypat
     monkeypatch.setattr(ck, "staged_load_enabled", lambda device, files=None: True)
     monkeypatch.setattr(ck, "read_staged", refuse)
     monkeypatch.delenv("WANFAST_STAGED_LOAD", raising=False)
-    with caplog.at_level("WARNING", logger="wanfast.loading"):
+    monkeypatch.setattr(timeline, "ACTIVE", timeline.Timeline())
+    with caplog.at_level("WARNING", logger="wanfast.loading"), timeline.span("load_expert_high_noise"):
         got = ck.read_safetensors(files, "cuda")
     assert "staged reads failed (cudaHostAlloc" in caplog.text
+    # the --timings report says what the loader did, not what the rule would have chosen
+    assert timeline.ACTIVE.spans["load_expert_high_noise"]["read"] == "mapped (staged failed)"
+    assert timeline._experts_staged(timeline.ACTIVE.spans) is False
     ref = dict(ck.iter_safetensors(files))
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     monkeypatch.setenv("WANFAST_STAGED_LOAD", "1")
@@ -324,3 +329,25 @@ def test_staged_reads_follow_the_current_device(tiny_official):
     for k, t in ref.items():
         assert got[k].device == torch.device("cuda", 1), k
         assert torch.equal(got[k].cpu().reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
+
+
+def test_the_loader_records_how_it_read_in_its_span(tiny_official, monkeypatch):
+    """``timeline.annotate`` lands in the innermost span open on the calling thread; reads with no device
+    (a LoRA file) leave no note; with recording off nothing is kept."""
+    import wanfast.loading.checkpoint as ck
+
+    files = ck.safetensors_files(tiny_official / "high_noise_model", "diffusion_pytorch_model")
+    monkeypatch.setattr(timeline, "ACTIVE", timeline.Timeline())
+    monkeypatch.setenv("WANFAST_STAGED_LOAD", "1")  # staged on the CPU too
+    with timeline.span("load_expert_high_noise"), timeline.span("inner"):
+        ck.read_safetensors(files, "cpu")
+    with timeline.span("load_expert_low_noise"):
+        ck.read_safetensors(files)  # no device: no decision, no note
+    spans = timeline.ACTIVE.spans
+    assert spans["inner"]["read"] == "staged" and "read" not in spans["load_expert_high_noise"]
+    assert "read" not in spans["load_expert_low_noise"]
+    assert timeline._experts_staged(spans) is None, "an expert span without a recorded read: unknown"
+    spans["load_expert_low_noise"]["read"] = spans["load_expert_high_noise"]["read"] = "staged"
+    assert timeline._experts_staged(spans) is True
+    monkeypatch.setattr(timeline, "ACTIVE", None)
+    ck.read_safetensors(files, "cpu")  # recording off: annotate is a no-op

@@ -45,8 +45,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+_OPEN = threading.local()  # per thread: the fields of its open spans, innermost last (``annotate``)
+
+
 class Timeline:
-    """Named spans (start, end, optional bytes) and marks, in seconds since process start."""
+    """Named spans (start, end, optional bytes, fields added by ``annotate``) and marks, in seconds since
+    process start."""
 
     def __init__(self) -> None:
         self.spans: dict[str, dict] = {}
@@ -57,10 +61,22 @@ class Timeline:
     @contextmanager
     def span(self, name: str, nbytes: int | None = None) -> Iterator[None]:
         start = now()
-        yield
+        fields: dict = {}
+        stack = _OPEN.__dict__.setdefault("stack", [])
+        stack.append(fields)
+        try:
+            yield
+        finally:
+            stack.pop()
         _sync()
         end = now()
-        row = {"start": start, "end": end, "s": end - start, "thread": threading.current_thread().name}
+        row = {
+            "start": start,
+            "end": end,
+            "s": end - start,
+            "thread": threading.current_thread().name,
+            **fields,
+        }
         if nbytes is not None:
             row["bytes"] = nbytes
             row["GB_per_s"] = nbytes / 1e9 / max(end - start, 1e-9)
@@ -100,6 +116,14 @@ def span(name: str, nbytes: int | None = None) -> Iterator[None]:
 def mark(name: str, sync: bool = False) -> None:
     if ACTIVE is not None:
         ACTIVE.mark(name, sync)
+
+
+def annotate(**fields: object) -> None:
+    """Add fields to this thread's innermost open span (e.g. how the loader read the weights it times);
+    nothing when recording is off or no span is open."""
+    stack = _OPEN.__dict__.get("stack")
+    if ACTIVE is not None and stack:
+        stack[-1].update(fields)
 
 
 def files_bytes(*paths: os.PathLike | str | None) -> int:
@@ -207,13 +231,11 @@ def report(pipeline_timings: dict | None = None, **extra: object) -> dict:
     }
 
 
-def _experts_staged(plan) -> bool:
-    """Whether the build read the experts with ``read_staged`` (the default's rule, for the report)."""
-    from wanfast.loading.checkpoint import safetensors_files, staged_load_enabled
-    from wanfast.loading.layout import DIT_WEIGHTS
-
-    files = safetensors_files(plan.paths.first_expert, DIT_WEIGHTS) if plan.paths else None
-    return staged_load_enabled("cpu" if plan.settings.offload else plan.settings.device, files)
+def _experts_staged(spans: dict) -> bool | None:
+    """Whether every expert's weights were read by ``read_staged``, as the loader recorded it in its span
+    (``read``: "staged", "mapped", or "mapped (staged failed)"); None when no expert read was recorded."""
+    reads = [row.get("read") for name, row in spans.items() if name.startswith("load_expert_")]
+    return all(r == "staged" for r in reads) if reads and None not in reads else None
 
 
 def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
@@ -233,7 +255,7 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
         params=None if result is None else {"width": result.params.width, "height": result.params.height,
                                             "frames": result.params.frames, "steps": result.params.steps},
         load_threads=os.environ.get("WANFAST_LOAD_THREADS", "1") != "0",
-        staged_load=_experts_staged(plan),
+        staged_load=_experts_staged(ACTIVE.spans if ACTIVE is not None else {}),
         load_readers=load_readers(),
         pid=os.getpid(),
     )  # fmt: skip

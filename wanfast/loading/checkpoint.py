@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from wanfast import timeline
+
 log = logging.getLogger("wanfast.loading")
 
 
@@ -103,13 +105,19 @@ def read_safetensors(files: list[Path], device: str | torch.device | None = None
     """Every tensor of ``files``: CPU tensors backed by the mapped files, or, with ``device`` given and
     staged loading on for it (``staged_load_enabled``), tensors already on ``device`` (``read_staged``).
     The same bytes either way."""
+    how = "mapped"
     if device is not None and staged_load_enabled(device, files):
         try:
-            return read_staged(files, device)
+            sd = read_staged(files, device)
+            timeline.annotate(read="staged")  # the --timings report says what was done, fallback included
+            return sd
         except (RuntimeError, OSError) as e:  # e.g. pinned memory refused (a container's memlock limit)
             if _staged_forced():  # asked for by name: no quiet fallback
                 raise
             log.warning("staged reads failed (%s): reading %s through the mapped files", e, files[0].parent)
+            how = "mapped (staged failed)"
+    if device is not None:  # a device's weights (an expert); a LoRA file read beside it leaves no note
+        timeline.annotate(read=how)
     return dict(iter_safetensors(files))
 
 
