@@ -135,13 +135,17 @@ bf16)
     ;;
 serve)  # SERVE_RUNS: "cached" (the fp8 stage's compile cache) and/or "nocache" (compiles at start); a name
     # ending in _noprelaunch adds --no-prelaunch (the worker started after the server's checks), e.g. cached_noprelaunch
+    declare -A seen=()
     for run in ${SERVE_RUNS:-cached}; do
+        seen[$run]=$((${seen[$run]:-0} + 1))
+        name=$run  # a name given again (to alternate runs) is written as NAME_2, NAME_3, ...
+        [ "${seen[$run]}" -gt 1 ] && name=${run}_${seen[$run]}
         cc=() extra=()
         case $run in cached*) cc=(--compile-cache "$COMPILE_CACHE") ;; esac
         case $run in *_noprelaunch) extra=(--no-prelaunch) ;; esac
         "${helper[@]}" serve --ckpt "$CKPT" --warm-sizes "${WARM_SIZES:-832x480x81}" \
-            --engine "--device $DEVICE ${SERVE_ENGINE---self-attention fa3-fp8} ${cc[*]} ${extra[*]}" --out "$o/serve_$run.json"
-        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('serve', sys.argv[2], d['ready_s'], d['health'].get('status'))" "$o/serve_$run.json" "$run"
+            --engine "--device $DEVICE ${SERVE_ENGINE---self-attention fa3-fp8} ${cc[*]} ${extra[*]}" --out "$o/serve_$name.json"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('serve', sys.argv[2], d['ready_s'], d['health'].get('status'))" "$o/serve_$name.json" "$name"
     done
     ;;
 summary)
