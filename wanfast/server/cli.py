@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -213,26 +214,29 @@ def _pool_plan(args: argparse.Namespace, num_heads: int | None):
     return slots
 
 
-def prelaunch(args: argparse.Namespace) -> Held | None:
+@contextmanager
+def prelaunched(args: argparse.Namespace) -> Iterator[Held | None]:
     """The pool's worker processes, started now (``pool.Held``: they import while the caller checks the
     flags, the model and the store, then wait for the pool to assign them), or None (``--no-prelaunch``,
-    an API-only process). Only the flags that name the slots are checked first."""
+    an API-only process). Only the flags that name the slots are checked first. On leaving, those the pool
+    did not take (a failed check, a stop) are killed: they only imported."""
     if getattr(args, "api_only", False) or not args.prelaunch:
-        return None
+        yield None
+        return
     from wanfast.server.pool import Held
     from wanfast.server.scale import pool_slots, resolve_store
 
     resolve_store(args)  # the slots' names depend on the store (PostgreSQL: the pool's name)
-    return Held(pool_slots(args, _pool_plan(args, None)), args.data_dir.resolve())
+    held = Held(pool_slots(args, _pool_plan(args, None)), args.data_dir.resolve())
+    try:
+        yield held
+    finally:
+        held.close()
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    held = prelaunch(args)
-    try:
+    with prelaunched(args) as held:
         return _serve(args, held)
-    finally:
-        if held is not None:
-            held.close()  # those the pool did not take (a failed check): they only imported
 
 
 def _serve(args: argparse.Namespace, held: Held | None) -> int:

@@ -165,7 +165,7 @@ def launch(slot: Slot, data_dir: str | Path) -> list[_Process]:
 
 
 class Held:
-    """Worker processes launched before the server has checked its flags and the model (``prelaunch``):
+    """Worker processes launched before the server has checked its flags and the model (``prelaunched``):
     their interpreter start and imports (seconds: torch, transformers) overlap the server's own. They
     touch no GPU, file or job store until the pool assigns them a slot; ``close`` kills the ones it
     did not take (a failed check, a stop)."""
@@ -205,7 +205,7 @@ class WorkerPool:
         held: Held | None = None,
     ) -> None:
         self.store, self.config, self.results_dir, self.slots = store, config, results_dir, slots
-        self._held = held  # processes launched ahead for these slots (``prelaunch``), taken at first spawn
+        self._held = held  # launched ahead for these slots, taken at first spawn; its owner closes it
         self.hang_seconds = hang_seconds
         self._stop = threading.Event()
         self._procs: dict[str, list[_Process]] = {s.name: [] for s in slots}
@@ -312,8 +312,6 @@ class WorkerPool:
         self._stop.set()
         for t in self._threads:  # each returns within a watch interval; none starts a process after
             t.join(timeout)
-        if self._held is not None:
-            self._held.close()
         procs = [p for ps in self._procs.values() for p in ps]
         for p in procs:  # all at once: a worker exits as soon as its stdin closes
             if p.proc.poll() is None:

@@ -140,17 +140,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def worker_main(args: argparse.Namespace) -> int:
     """``wanfast worker``: the pool of ``wanfast serve`` without its web process, until SIGINT/SIGTERM."""
-    from wanfast.server.cli import prelaunch
+    from wanfast.server.cli import prelaunched
 
     resolve_store(args)
     url = require_postgres(args, "wanfast worker")
     options = store_options(args)
-    held = prelaunch(args)
-    try:
+    with prelaunched(args) as held:
         return _worker_pool(args, url, options, held)
-    finally:
-        if held is not None:
-            held.close()
 
 
 def _worker_pool(args: argparse.Namespace, url: str, options: dict, held: Held | None) -> int:
