@@ -276,7 +276,8 @@ def cmd_summary(a: argparse.Namespace) -> dict:
                         row["vs_dd_time"] = r["s"] / (r["bytes"] / 1e9 / ref)
                     loads[n] = row
             runs[k] = {"page_cache": state, "to_first_step_s": v["to_first_step_s"], "to_mp4_s": v["to_mp4_s"],
-                       "phases": v["phases"], "loads": loads, "compile": v["compile"]}  # fmt: skip
+                       "overlap_load": v.get("overlap_load"), "phases": v["phases"], "loads": loads,
+                       "compile": v["compile"]}  # fmt: skip
     return {"dd_GB_per_s": rates, "runs": runs, "parts": parts}
 
 

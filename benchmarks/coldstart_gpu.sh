@@ -26,6 +26,9 @@
 #   bf16_cold          one bf16 expert read from disk (high) and then from the page cache (low: a link), UMT5 and
 #                      VAE cold; --no-compile
 #   bf16_cold_staged   the same with WANFAST_STAGED_LOAD=1; bf16_cold_mapped: with 0; bf16_warm (not default)
+#   bf16_cold_quant    (not default) as bf16_cold with --quant fp8 --self-attention fa3-fp8: quantised on load
+# A run name ending in _nooverlap (e.g. cold_compile_nooverlap) adds --no-overlap-load: the low-noise expert
+# loads before the first step instead of during the high-noise steps. meta_*.json hold each MP4's md5.
 # Defaults: FP8_RUNS="cold_compile warm_cached cold_cached warm_staged", BF16_RUNS="cold cold_staged".
 # Environment: SPEC (t2v-A14B), GEN (generate flags of the FP8 runs), GEN_BF16, PROMPT, DEVICE (cuda),
 # COMPILE_CACHE (the --compile-cache folder), SKIP_DD=1 (no h2d / dd probes), H2D_GIB (8), GEN_TIMEOUT (s, 300).
@@ -64,10 +67,17 @@ gen() {  # NAME PAGE_CACHE(cold|warm) COMPILE_CACHE(fresh|keep|none) [extra gene
         "${cc[@]}" "$@" > "$o/gen_$name.log" 2>&1
     rc=$?
     ms=$((($(date +%s%N) - t0) / 1000000))
-    printf '{"name": "%s", "page_cache": "%s", "dropped": %s, "compile_cache": "%s", "rc": %d, "wall_s": %d.%03d, "flags": "%s"}\n' \
-        "$name" "$state" "$dropped" "$cache" "$rc" $((ms / 1000)) $((ms % 1000)) "$*" > "$o/meta_$name.json"
+    md5=$(md5sum "$VIDEOS/$name.mp4" 2> /dev/null | cut -c1-32)  # runs that differ only in timing: same bytes
+    printf '{"name": "%s", "page_cache": "%s", "dropped": %s, "compile_cache": "%s", "rc": %d, "wall_s": %d.%03d, "flags": "%s", "mp4_md5": "%s"}\n' \
+        "$name" "$state" "$dropped" "$cache" "$rc" $((ms / 1000)) $((ms % 1000)) "$*" "$md5" > "$o/meta_$name.json"
     echo "== $name: rc=$rc page cache $state (dropped=$dropped), compile cache $cache"
     tail -n 4 "$o/gen_$name.log"
+}
+
+nooverlap() {  # RUN -> $base (RUN without _nooverlap) and $extra (--no-overlap-load when it had the suffix)
+    base=${1%_nooverlap} extra=()
+    [ "$base" != "$1" ] && extra=(--no-overlap-load)
+    return 0
 }
 
 case "$stage" in
@@ -87,15 +97,17 @@ fp8)
         "${helper[@]}" dd "$CKPT" --out "$o/dd_fp8_warm.json"
     fi
     for run in ${FP8_RUNS:-cold_compile warm_cached cold_cached warm_staged}; do
-        case $run in
-        cold_compile) gen fp8_cold_compile cold fresh "${gen_flags[@]}" ;;
-        warm_cached) gen fp8_warm_cached warm keep "${gen_flags[@]}" ;;
-        cold_cached) gen fp8_cold_cached cold keep "${gen_flags[@]}" ;;
-        warm_serial) WANFAST_LOAD_THREADS=0 gen fp8_warm_serial warm keep "${gen_flags[@]}" ;;
-        warm_staged) WANFAST_STAGED_LOAD=1 gen fp8_warm_staged warm keep "${gen_flags[@]}" ;;
-        warm_mapped) WANFAST_STAGED_LOAD=0 gen fp8_warm_mapped warm keep "${gen_flags[@]}" ;;
-        cold_mapped) WANFAST_STAGED_LOAD=0 gen fp8_cold_mapped cold keep "${gen_flags[@]}" ;;
-        cold_staged) WANFAST_STAGED_LOAD=1 gen fp8_cold_staged cold keep "${gen_flags[@]}" ;;
+        nooverlap "$run"
+        f=("${gen_flags[@]}" "${extra[@]}") n=fp8_$run
+        case $base in
+        cold_compile) gen "$n" cold fresh "${f[@]}" ;;
+        warm_cached) gen "$n" warm keep "${f[@]}" ;;
+        cold_cached) gen "$n" cold keep "${f[@]}" ;;
+        warm_serial) WANFAST_LOAD_THREADS=0 gen "$n" warm keep "${f[@]}" ;;
+        warm_staged) WANFAST_STAGED_LOAD=1 gen "$n" warm keep "${f[@]}" ;;
+        warm_mapped) WANFAST_STAGED_LOAD=0 gen "$n" warm keep "${f[@]}" ;;
+        cold_mapped) WANFAST_STAGED_LOAD=0 gen "$n" cold keep "${f[@]}" ;;
+        cold_staged) WANFAST_STAGED_LOAD=1 gen "$n" cold keep "${f[@]}" ;;
         *) echo "unknown FP8 run $run" >&2 ;;
         esac
     done
@@ -124,11 +136,14 @@ bf16)
     printf '{"dropped": %s}\n' "$(drop)" > "$o/meta_dd_bf16_cold.json"
     "${helper[@]}" dd "$CKPT/high_noise_model" --out "$o/dd_bf16_cold.json"
     for run in ${BF16_RUNS:-cold cold_staged}; do
-        case $run in
-        cold) gen bf16_cold cold none "${bf16_flags[@]}" ;;
-        warm) gen bf16_warm warm none "${bf16_flags[@]}" ;;
-        cold_staged) WANFAST_STAGED_LOAD=1 gen bf16_cold_staged cold none "${bf16_flags[@]}" ;;
-        cold_mapped) WANFAST_STAGED_LOAD=0 gen bf16_cold_mapped cold none "${bf16_flags[@]}" ;;
+        nooverlap "$run"
+        f=("${bf16_flags[@]}" "${extra[@]}") n=bf16_$run
+        case $base in
+        cold) gen "$n" cold none "${f[@]}" ;;
+        warm) gen "$n" warm none "${f[@]}" ;;
+        cold_staged) WANFAST_STAGED_LOAD=1 gen "$n" cold none "${f[@]}" ;;
+        cold_mapped) WANFAST_STAGED_LOAD=0 gen "$n" cold none "${f[@]}" ;;
+        cold_quant) gen "$n" cold none "${f[@]}" --quant fp8 --self-attention fa3-fp8 ;;  # quantised on load
         *) echo "unknown bf16 run $run" >&2 ;;
         esac
     done

@@ -3,7 +3,8 @@
 #   bash benchmarks/session_gpu.sh start COMMIT     # then: bash benchmarks/detached.sh wait s4 560 (repeat)
 # STEPS (default: all, in this order) picks the parts:
 #   test    tests/test_coldstart.py -k cuda: read_staged's CUDA branch equals the mapped reads; failed ->
-#           WANFAST_STAGED_LOAD=0 for the rest (the default reads staged on CUDA), and says so
+#           WANFAST_STAGED_LOAD=0 for the rest (the default reads staged on CUDA), and says so; then
+#           tests/test_overlap_load.py (its CUDA test: the low-noise expert quantised on its own stream)
 #   fp8     coldstart_gpu.sh write-fp8, then fp8 with FP8_RUNS (default: cold + empty compile cache, warm +
 #           cache, and warm + cache with WANFAST_STAGED_LOAD=0: the off switch in the same run), dd and h2d
 #   serve   `wanfast serve` to /health 200 with 832x480x81 warm (compile cache from fp8; carry .whl/serve);
@@ -34,6 +35,11 @@ run)
                 echo "staged CUDA reads passed: the default (staged on CUDA) stands"
             else
                 echo "staged CUDA reads FAILED: WANFAST_STAGED_LOAD=0"; export WANFAST_STAGED_LOAD=0
+            fi
+            if python3 -m pytest -q -p no:cacheprovider tests/test_overlap_load.py > $OUT/overlap_test.txt 2>&1; then
+                echo "overlapped expert load tests (the CUDA one included) passed"
+            else
+                echo "overlapped expert load tests FAILED (see overlap_test.txt)"
             fi ;;
         fp8)
             bash benchmarks/coldstart_gpu.sh write-fp8 "$WANFAST_COMMIT" || echo "write-fp8 failed"

@@ -128,9 +128,15 @@ def test_generate_timings_json(tmp_path, tiny_official):
     assert list(t["marks"])[-1] == "mp4" and t["to_mp4_s"] == t["marks"]["mp4"]
     assert 0 < t["marks"]["imports"] < t["to_first_step_s"] < t["to_mp4_s"]
     # the spans lie inside the build; the serial parts of the run add up to no more than the process life
-    for name in ("load_expert_high_noise", "load_expert_low_noise", "load_text_encoder", "load_vae", "accel"):
+    for name in ("load_expert_high_noise", "load_text_encoder", "load_vae", "accel"):
         span = t["spans"][name]
         assert t["marks"]["planned"] <= span["start"] <= span["end"] <= t["marks"]["built"] + 1e-3, name
+    # the low-noise expert loads (and is optimised) beside the first steps: started in the build, done by the
+    # end of its first step
+    low, low_accel = t["spans"]["load_expert_low_noise"], t["spans"]["accel_low_noise"]
+    assert t["overlap_load"] and t["marks"]["planned"] <= low["start"] <= t["marks"]["built"] + 1e-3
+    assert low["end"] <= low_accel["start"] <= low_accel["end"] <= t["steps"][2]["end"]
+    assert low["thread"] == low_accel["thread"] == "wanfast-low_noise_0"
     serial = ("imports", "plan", "build", "text_encoding", "vae_decode", "write_mp4")
     assert sum(phases[n] for n in serial) + sum(s["s"] for s in t["steps"]) <= t["to_mp4_s"] + 1e-3
     assert [s["expert"] for s in t["steps"]] == ["high_noise", "high_noise", "low_noise"]
@@ -147,16 +153,16 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     env = dict(ENV, OUT=str(w / "out"), CKPT=str(w / "ckpt"), COMPILE_CACHE=str(w / "cc"), VIDEOS=str(w / "v"),
                SPEC="tiny", DEVICE="cpu", DROP="0", H2D_GIB="0.01", GEN="--size 64x48 --frames 5 --steps 2",
                GEN_BF16="--size 64x48 --frames 5 --steps 2 --no-compile",
-               FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged warm_mapped",
-               SERVE_RUNS="cached nocache cached", WARM_SIZES="64x48x5", SERVE_ENGINE="",
-               BF16_RUNS="cold warm cold_staged cold_mapped")  # fmt: skip
+               FP8_RUNS="cold_compile warm_cached cold_cached warm_serial warm_staged cold_staged warm_mapped "
+               "warm_cached_nooverlap", SERVE_RUNS="cached nocache cached", WARM_SIZES="64x48x5", SERVE_ENGINE="",
+               BF16_RUNS="cold warm cold_staged cold_mapped cold_nooverlap")  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "coldstart_gpu.sh"), "all", "test"],
                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     o = w / "out" / "coldstart"
     runs = ["fp8_cold_compile", "fp8_warm_cached", "fp8_cold_cached", "fp8_warm_serial", "fp8_warm_staged",
-            "fp8_cold_staged", "fp8_warm_mapped", "bf16_cold", "bf16_warm", "bf16_cold_staged",
-            "bf16_cold_mapped"]  # fmt: skip
+            "fp8_cold_staged", "fp8_warm_mapped", "fp8_warm_cached_nooverlap", "bf16_cold", "bf16_warm",
+            "bf16_cold_staged", "bf16_cold_mapped", "bf16_cold_nooverlap"]  # fmt: skip
     for name in runs:
         meta = json.loads((o / f"meta_{name}.json").read_text())
         assert meta["rc"] == 0 and meta["dropped"] == 0, (name, (o / f"gen_{name}.log").read_text()[-2000:])
@@ -173,7 +179,13 @@ def test_coldstart_script_runs_every_stage_on_the_tiny_spec(tmp_path):
     for name in runs:  # each switch reached its process, and only its own
         t = json.loads((o / f"gen_{name}.json").read_text())
         assert (t["load_threads"], t["staged_load"]) == ("serial" not in name, "staged" in name), name
+        assert t["overlap_load"] == ("nooverlap" not in name) == t["settings"]["overlap_load"], name
         assert t["settings"]["compile_cache"] == (None if name.startswith("bf16") else str(w / "cc")), name
+    # the overlap changes when the low-noise expert loads, not what the video is
+    metas = {n: json.loads((o / f"meta_{n}.json").read_text()) for n in runs}
+    assert len(metas["fp8_warm_cached"]["mp4_md5"]) == 32
+    assert metas["fp8_warm_cached"]["mp4_md5"] == metas["fp8_warm_cached_nooverlap"]["mp4_md5"]
+    assert metas["bf16_cold"]["mp4_md5"] == metas["bf16_cold_nooverlap"]["mp4_md5"]
     # the bf16 set: one expert folder, the low-noise one a link to it (same bytes read twice)
     bf16 = summary["runs"]["gen_bf16_cold.json"]["loads"]
     assert bf16["load_expert_high_noise"]["bytes"] == bf16["load_expert_low_noise"]["bytes"] > 0

@@ -12,6 +12,11 @@ two steps:
    weights), ``accel.optimize_pipeline`` (fusion, FP8, caches, compile; the VAE decode rewrite), the
    multi-GPU split (``parallel.parallelize``), then the memory mode (``accel.offload.apply_offload``:
    after accel, which decides which weight tensors exist).
+
+With ``BuildPlan.overlap_load`` (``overlap_rule``) the low-noise expert of a two-expert model is left
+loading in a thread (its LoRAs, then the same ``accel.optimize_dit``) and the pipeline is returned without
+it: the high-noise expert's first steps run meanwhile, and the sampling loop waits for it at the boundary
+if it is not there yet (``wanfast.experts``).
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from wanfast.config import ConfigError, EngineSettings
+from wanfast.experts import Experts
 from wanfast.loading.layout import CheckpointPaths, detect, is_fp8_checkpoint
 from wanfast.specs import SPECS, ModelSpec, get_spec
 
@@ -64,6 +72,7 @@ class BuildPlan:
     memory_note: str | None = None  # the memory plan's reason, for a log line
     fp8_checkpoint: bool = False
     seed: int = 0  # the random weights of a tiny model
+    overlap_load: bool = False  # the low-noise expert loads during the first steps (``overlap_rule``)
 
     @property
     def split(self) -> bool:
@@ -128,8 +137,37 @@ def plan(
             raise ConfigError("LoRAs merge into bf16/fp32 weights: load the bf16 checkpoint with --quant fp8")
         check_lora_files(settings.lora_stack(), spec, settings.lora_merge)  # before any weights load
     d = spec.defaults
-    settings, why = plan_memory(settings, spec, sizes or [(*d.size, d.frames)], fp8)
-    return BuildPlan(spec, paths, settings, why, fp8, seed)
+    sizes = sizes or [(*d.size, d.frames)]
+    settings, why = plan_memory(settings, spec, sizes, fp8)
+    overlap = overlap_rule(settings, spec, sizes, fp8, paths is not None)
+    return BuildPlan(spec, paths, settings, why, fp8, seed, overlap)
+
+
+def overlap_rule(
+    settings: EngineSettings,
+    spec: ModelSpec,
+    sizes: Sequence[tuple[int, int, int]],
+    fp8_checkpoint: bool,
+    from_checkpoint: bool,
+) -> bool:
+    """Whether the low-noise expert loads while the first steps run: ``settings.overlap_load`` (the off
+    switch), a two-expert model read from a checkpoint (a tiny model's files are gone after the build),
+    both experts resident (a memory mode places and streams all experts at once) and no multi-GPU split
+    (which splits every expert); and when accel quantises a bf16 checkpoint, room for that expert's bf16
+    weights beside the first steps' activations (``memory.overlap_load_peak``)."""
+    from wanfast.memory import overlap_load_peak
+
+    split = settings.cfg_parallel or settings.ulysses > 1
+    if not (settings.overlap_load and spec.two_experts and from_checkpoint) or settings.offload or split:
+        return False
+    room = overlap_load_peak(settings, spec, sizes, fp8_checkpoint)
+    if room is not None and room[0] > room[1]:
+        log.info(
+            "the low-noise expert loads before the first step: loaded during it in bf16 beside the activations "
+            "it would need ~%.1f GiB of %.1f", room[0] / 2**30, room[1] / 2**30,
+        )  # fmt: skip
+        return False
+    return True
 
 
 def _load_dit(path: Path, device: str, settings: EngineSettings):
@@ -154,6 +192,42 @@ def _load_expert(name: str, path: Path, device: str, s: EngineSettings):
     return dit
 
 
+def _load_during_steps(name: str, path: Path, s: EngineSettings) -> Future:
+    """Expert ``name`` loading in a thread of its own: read, LoRAs, then ``accel.optimize_dit`` as
+    ``assemble`` gives the others (the attention backend left as the main thread chose it). On CUDA its
+    work runs on a stream of its own on the settings' device, so neither its kernels nor its spans' syncs
+    wait for the steps queued meanwhile on the default stream; the stream is synchronised before the Future
+    completes, so the steps may use the weights at once."""
+    from wanfast import timeline
+    from wanfast.accel import optimize_dit
+
+    device = torch.device(s.device)
+    if device.type == "cuda" and device.index is None:  # a new thread's current device is 0, not ours
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def job():
+        with ExitStack() as ctx:
+            if device.type == "cuda":
+                ctx.enter_context(torch.cuda.device(device))
+                stream = torch.cuda.Stream(device)
+                ctx.enter_context(torch.cuda.stream(stream))
+            with timeline.span(f"load_expert_{name}", timeline.files_bytes(path)):
+                dit = _load_expert(name, path, str(device), s)
+            with timeline.span(f"accel_{name}"):  # optimize_pipeline chose the attention backend
+                dit = optimize_dit(dit, s, choose_backend=False)
+            if device.type == "cuda":
+                stream.synchronize()
+                if s.quant:  # the bf16 weights quantised away stay cached in this stream's pool otherwise
+                    torch.cuda.empty_cache()
+        return dit
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix=f"wanfast-{name}")
+    try:
+        return pool.submit(job)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the job
+
+
 def _write_tiny(spec: ModelSpec, folder: Path, seed: int) -> CheckpointPaths:
     from wanfast.loading.layout import detect as detect_folder
     from wanfast.tools.testing import write_official_checkpoint
@@ -170,8 +244,6 @@ def _parallel_load() -> bool:
 
 def build(p: BuildPlan):
     """Step 2 (module docstring): the ready ``WanPipeline``."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from wanfast import timeline
     from wanfast.loading.layout import dit_config, load_text_encoder, load_vae
     from wanfast.loading.text_encoder import import_backend
@@ -197,10 +269,14 @@ def build(p: BuildPlan):
         expert_device = "cpu" if s.offload else s.device
         with timeline.span("import_text_encoder"):
             import_backend()  # here, not in the thread: see its docstring
+        later = tuple(paths.experts)[-1] if p.overlap_load else None  # the low-noise expert
         with ThreadPoolExecutor(1, thread_name_prefix="wanfast-load") as pool:
             te_future = pool.submit(text_encoder) if _parallel_load() else None
-            experts = {}
+            experts = Experts()
             for name, path in paths.experts.items():
+                if name == later:  # after the first one: the two would share the disk
+                    experts.defer(name, _load_during_steps(name, path, s))
+                    continue
                 with timeline.span(f"load_expert_{name}", timeline.files_bytes(path)):
                     experts[name] = _load_expert(name, path, expert_device, s)
             te = te_future.result() if te_future is not None else text_encoder()
@@ -221,7 +297,7 @@ def assemble(spec: ModelSpec, text_encoder, experts: dict, vae, settings: Engine
         from wanfast.accel.compile_cache import compile_cache_for
         from wanfast.accel.fp8 import fp8_modules
 
-        fp8 = any(fp8_modules(e) for e in experts.values())
+        fp8 = any(fp8_modules(e) for e in pipe.experts.ready().values())  # the experts are alike
         pipe.compile_cache = compile_cache_for(spec.name, settings, fp8)
     if settings.cfg_parallel or settings.ulysses > 1:
         from wanfast.parallel import parallelize

@@ -61,6 +61,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--cuda-graphs", action="store_true", help="capture the DiT forward in CUDA graphs")
     opt.add_argument("--no-fp8-row-kernels", action="store_true",
                      help="FP8 linears quantise their input with torch ops, not wanfast's one-pass kernel")  # fmt: skip
+    opt.add_argument("--no-overlap-load", action="store_true",
+                     help="load the low-noise expert before the first step, not during the high-noise steps")  # fmt: skip
     mem = p.add_argument_group("memory modes and LoRA")
     mem.add_argument("--offload", choices=["expert", "blocks"], default=None,
                      help="expert: only the active expert on the GPU; blocks: DiT blocks streamed to the GPU")  # fmt: skip
@@ -114,6 +116,7 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
         lora_merge=not args.lora_separate,
         compile_mode=args.compile_mode,
         compile_cache=str(args.compile_cache) if args.compile_cache else None,
+        overlap_load=not args.no_overlap_load,
     )
     if args.plain:
         return settings.plain()

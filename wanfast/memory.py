@@ -77,6 +77,30 @@ def plan_memory(
     return replace(settings, offload=mode), f"{head}: {what} -> {label[mode]} ({why})"
 
 
+def overlap_load_peak(
+    settings: EngineSettings, spec: ModelSpec, sizes: Sequence[tuple[int, int, int]], fp8_checkpoint: bool
+) -> tuple[int, int] | None:
+    """When the low-noise expert loads during the first steps (``builder.overlap_rule``) while accel
+    quantises a bf16 checkpoint, that expert's bf16 weights sit beside the first steps' activations: (the
+    estimated peak, the bytes it must fit: the budget, else the CUDA device's memory). None where overlapping
+    adds nothing to the resident estimate (FP8 or bf16 weights loaded as they run), or on the CPU without a
+    budget."""
+    from wanfast.accel.offload import activation_bytes, estimate_memory, weight_sizes
+
+    device = torch.device(settings.device)
+    if not settings.quant or fp8_checkpoint or (settings.memory_budget_gb is None and device.type != "cuda"):
+        return None
+    kw = _estimate_kw(settings)
+    w, h, frames = max(sizes, key=lambda s: activation_bytes(spec, (s[0], s[1]), s[2]))
+    peak = (
+        estimate_memory(spec, (w, h), frames, None, **kw) + weight_sizes(spec, **{**kw, "quant": None}).expert
+    )
+    if settings.memory_budget_gb is not None:
+        return peak, int(settings.memory_budget_gb * GiB)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return peak, torch.cuda.get_device_properties(index).total_memory
+
+
 def _estimate_kw(settings: EngineSettings) -> dict:
     """``estimate_memory`` keywords for what ``settings`` put on the device."""
     te = settings.text_encoder_device

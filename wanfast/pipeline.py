@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,6 +22,7 @@ from wanfast.accel import reset_caches
 from wanfast.accel.stepcache import ForwardCounter, StepCache, installed
 from wanfast.conditioning import CONDITIONINGS, Condition
 from wanfast.config import EngineSettings, SamplingParams
+from wanfast.experts import Experts
 from wanfast.solvers import make_solver
 from wanfast.specs import ModelSpec, expert_for, resolve_params
 from wanfast.video import to_uint8_frames
@@ -153,12 +154,21 @@ class WanPipeline:
             raise ValueError(f"{spec.name} has experts {spec.experts}, got {tuple(experts)}")
         self.spec = spec
         self.text_encoder = text_encoder
-        self.experts = dict(experts)
+        self.experts = experts
         self.vae = vae
         self.settings = settings
         self.device = torch.device(settings.device)
         self.parallel = None  # a wanfast.parallel.ParallelRuntime when the run is split over ranks
         self.compile_cache = None  # an accel.compile_cache.CompileCache under --compile-cache
+
+    @property
+    def experts(self) -> Experts:
+        """name -> DiT; an entry may still be loading (``wanfast.experts``: reading it waits)."""
+        return self._experts
+
+    @experts.setter
+    def experts(self, experts: Mapping[str, nn.Module]) -> None:  # an Experts as given, else a copy
+        self._experts = experts if isinstance(experts, Experts) else Experts(experts)
 
     @property
     def defaults(self):

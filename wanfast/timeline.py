@@ -3,8 +3,8 @@
 A process-wide recorder, off unless ``start()`` was called (then ``span`` and ``mark`` cost a clock read).
 Times are seconds since the process started (Linux: from ``/proc/self/stat``, so the interpreter's own
 start and the imports count), so spans from several threads (the text encoder loading beside the experts)
-share one clock. At a span's end the CUDA device is synchronised when CUDA is initialised, so a span holds
-the device work it queued.
+share one clock. At a span's end the thread's current CUDA stream is synchronised when CUDA is initialised,
+so a span holds the device work it queued.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ def now() -> float:
 
 
 def _sync() -> None:
+    """Wait for the work this thread queued on its current CUDA stream; not the device's other streams (the
+    low-noise expert loads on its own stream while the steps run: neither's spans wait for the other)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 _OPEN = threading.local()  # per thread: the fields of its open spans, innermost last (``annotate``)
@@ -255,6 +257,7 @@ def write_timings(path: os.PathLike | str, args, plan, result) -> dict:
         params=None if result is None else {"width": result.params.width, "height": result.params.height,
                                             "frames": result.params.frames, "steps": result.params.steps},
         load_threads=os.environ.get("WANFAST_LOAD_THREADS", "1") != "0",
+        overlap_load=plan.overlap_load,
         staged_load=_experts_staged(ACTIVE.spans if ACTIVE is not None else {}),
         load_readers=load_readers(),
         pid=os.getpid(),

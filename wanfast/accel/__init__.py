@@ -68,9 +68,13 @@ def compiles(settings: EngineSettings) -> bool:
     return settings.compile if settings.compile is not None else torch.device(settings.device).type == "cuda"
 
 
-def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str = "inductor") -> nn.Module:
+def optimize_dit(
+    dit: WanDiT, settings: EngineSettings, *, compile_backend: str = "inductor", choose_backend: bool = True
+) -> nn.Module:
     """Apply the enabled optimisations to ``dit`` in place, in the module docstring's order. Returns the
-    module to call: ``dit`` itself, or a ``CUDAGraphDiT`` wrapping it when ``settings.cuda_graphs``."""
+    module to call: ``dit`` itself, or a ``CUDAGraphDiT`` wrapping it when ``settings.cuda_graphs``.
+    ``choose_backend=False``: the attention backend was chosen already (``optimize_pipeline``); an expert
+    optimised in a loader thread while the steps run must not rebind the globals their traced graphs read."""
     if caches_of(dit) or isinstance(dit, CUDAGraphDiT):
         raise ValueError("this DiT is already optimised; optimize_dit applies to a plain one, once")
     device = next(dit.parameters()).device
@@ -93,7 +97,8 @@ def optimize_dit(dit: WanDiT, settings: EngineSettings, *, compile_backend: str 
         cache_time_embedding(dit)
         applied.append("cache_cross_kv (+ time embedding)")
     if use_compile:
-        choose_attention(settings)  # traced code bakes the backend in: choose it before the first trace
+        if choose_backend:
+            choose_attention(settings)  # traced code bakes the backend in: choose it before the first trace
         n = compile_blocks(dit, compile_backend, settings.compile_mode)
         applied.append(f"compile ({n} blocks, {compile_backend}, mode {settings.compile_mode or 'default'})")
     if settings.cuda_graphs:
@@ -128,7 +133,7 @@ def optimize_pipeline(pipe, *, compile_backend: str = "inductor"):
     log.info(
         "accel: attention backend %s, self-attention %s", backend, attention.active_self_attention_backend()
     )
-    for name, dit in pipe.experts.items():
+    for name, dit in pipe.experts.ready().items():  # one still loading is optimised by its loader
         pipe.experts[name] = optimize_dit(dit, pipe.settings, compile_backend=compile_backend)
     from wanfast.accel.vae import optimize_vae
 
@@ -139,7 +144,8 @@ def optimize_pipeline(pipe, *, compile_backend: str = "inductor"):
 def reset_caches(obj) -> int:
     """Clear the per-request caches of a pipeline's experts or of one module; returns how many were
     cleared. RoPE tables depend on the shape alone and are kept."""
-    modules = list(obj.experts.values()) if hasattr(obj, "experts") else [obj]
+    # an expert still loading (wanfast.experts) has run no request: its caches are empty
+    modules = list(obj.experts.ready().values()) if hasattr(obj, "experts") else [obj]
     cleared = 0
     for module in modules:
         if isinstance(module, nn.Module):

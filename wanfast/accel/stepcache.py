@@ -241,11 +241,13 @@ class ForwardCounter:
 
     def __init__(self, experts: Mapping[str, Callable]) -> None:
         self.calls = dict.fromkeys(experts, 0)
-        self.experts = {name: partial(self._call, name, model) for name, model in experts.items()}
+        # looked up at each call, not now: an expert may still be loading (wanfast.experts) until its first step
+        self._models = experts
+        self.experts = {name: partial(self._call, name) for name in experts}
 
-    def _call(self, name: str, model: Callable, *args, **kwargs) -> Tensor:
+    def _call(self, name: str, *args, **kwargs) -> Tensor:
         self.calls[name] += 1
-        return model(*args, **kwargs)
+        return self._models[name](*args, **kwargs)
 
     def summary(self, cache: StepCache | None = None) -> dict[str, int]:
         """{"computed", "skipped", and "<expert>_computed" / "<expert>_skipped" per expert}."""
