@@ -13,10 +13,10 @@ two steps:
    multi-GPU split (``parallel.parallelize``), then the memory mode (``accel.offload.apply_offload``:
    after accel, which decides which weight tensors exist).
 
-With ``BuildPlan.overlap_load`` (``overlap_rule``) the low-noise expert of a two-expert model is left
-loading in a thread (its LoRAs, then the same ``accel.optimize_dit``) and the pipeline is returned without
-it: the high-noise expert's first steps run meanwhile, and the sampling loop waits for it at the boundary
-if it is not there yet (``wanfast.experts``).
+With ``BuildPlan.overlap_load`` (``overlap_rule``) the low-noise expert of a two-expert model is not
+loaded here: the pipeline is returned with a deferred entry, whose load (read, LoRAs, then the same
+``accel.optimize_dit``, in a thread) starts after the first step and runs beside the high-noise steps that
+follow; the sampling loop waits for it at the boundary if it is not there yet (``wanfast.experts``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -72,7 +73,7 @@ class BuildPlan:
     memory_note: str | None = None  # the memory plan's reason, for a log line
     fp8_checkpoint: bool = False
     seed: int = 0  # the random weights of a tiny model
-    overlap_load: bool = False  # the low-noise expert loads during the first steps (``overlap_rule``)
+    overlap_load: bool = False  # the low-noise expert loads after the first step (``overlap_rule``)
 
     @property
     def split(self) -> bool:
@@ -150,7 +151,7 @@ def overlap_rule(
     fp8_checkpoint: bool,
     from_checkpoint: bool,
 ) -> bool:
-    """Whether the low-noise expert loads while the first steps run: ``settings.overlap_load`` (the off
+    """Whether the low-noise expert loads beside the high-noise steps: ``settings.overlap_load`` (the off
     switch), a two-expert model read from a checkpoint (a tiny model's files are gone after the build),
     both experts resident (a memory mode places and streams all experts at once) and no multi-GPU split
     (which splits every expert); and when accel quantises a bf16 checkpoint, room for that expert's bf16
@@ -193,7 +194,7 @@ def _load_expert(name: str, path: Path, device: str, s: EngineSettings):
 
 
 def _load_during_steps(name: str, path: Path, s: EngineSettings) -> Future:
-    """Expert ``name`` loading in a thread of its own: read, LoRAs, then ``accel.optimize_dit`` as
+    """Start loading expert ``name`` in a thread of its own: read, LoRAs, then ``accel.optimize_dit`` as
     ``assemble`` gives the others (the attention backend left as the main thread chose it). On CUDA its
     work runs on a stream of its own on the settings' device, so neither its kernels nor its spans' syncs
     wait for the steps queued meanwhile on the default stream; the stream is synchronised before the Future
@@ -274,8 +275,8 @@ def build(p: BuildPlan):
             te_future = pool.submit(text_encoder) if _parallel_load() else None
             experts = Experts()
             for name, path in paths.experts.items():
-                if name == later:  # after the first one: the two would share the disk
-                    experts.defer(name, _load_during_steps(name, path, s))
+                if name == later:  # read once the first step has run (wanfast.experts)
+                    experts.defer(name, partial(_load_during_steps, name, path, s))
                     continue
                 with timeline.span(f"load_expert_{name}", timeline.files_bytes(path)):
                     experts[name] = _load_expert(name, path, expert_device, s)

@@ -347,8 +347,8 @@ class EngineSettings:
     lora_low_noise: str | None = None  # shorthand: LoRA file for the low-noise expert at lora_strength
     lora_strength: float = 1.0
     lora_merge: bool = True  # merged into the weights (no runtime cost) or kept separate and switchable
-    # two-expert models: the low-noise expert loads (and is optimised) in a thread while the high-noise one
-    # runs the first steps, when loading from a checkpoint, resident and unsplit (builder.overlap_rule)
+    # two-expert models: the low-noise expert loads (and is optimised) in a thread from the end of the first
+    # step on, beside the high-noise steps, when read from a checkpoint, resident, unsplit (builder.overlap_rule)
     overlap_load: bool = True
 
     def __post_init__(self) -> None:

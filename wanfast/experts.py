@@ -1,17 +1,20 @@
-"""A pipeline's DiT experts by name, one of which may still be loading.
+"""A pipeline's DiT experts by name, one of which may not be loaded yet.
 
 A two-expert model runs the high-noise expert first and the low-noise one only from the boundary on, steps
-later; so a fresh process (``wanfast generate``) can start denoising while the low-noise expert is read
-(``builder``: ``BuildPlan.overlap_load``). The entry of an expert still loading holds the load's ``Future``.
-Reading that entry (``experts[name]``, ``values()``, ``items()``) waits for it and re-raises what the load
-raised, so every consumer of a pipeline's experts sees loaded modules without knowing of the overlap;
-``ready()`` gives the loaded ones without waiting (accel, the per-request cache reset), and the sampling
-loop looks its expert up when it needs it (``accel.stepcache.ForwardCounter``).
+later; so a fresh process (``wanfast generate``) can start denoising before the low-noise expert is read
+(``builder``: ``BuildPlan.overlap_load``). Its entry holds a function that starts the load and returns its
+``Future``. ``WanPipeline.run`` starts it when the first step has run (``start_loading``): the disk is then
+free of the process's own reads and imports, and of the first step's compile, which on a cold page cache
+would wait behind it (measured: BENCHMARKS.md). Reading the entry (``experts[name]``, ``values()``,
+``items()``) starts it if nobody has, waits for it and re-raises what the load raised, so every consumer of a
+pipeline's experts sees loaded modules without knowing of the overlap; ``ready()`` gives the loaded ones
+without waiting (accel, the per-request cache reset), and the sampling loop looks its expert up when it
+needs it (``accel.stepcache.ForwardCounter``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from concurrent.futures import Future
 
 from torch import nn
@@ -20,10 +23,15 @@ from wanfast import timeline
 
 
 class _Loading:
-    """An entry still loading: the Future that gives its module."""
+    """An entry not loaded yet: ``start()`` begins its load and returns the Future of its module."""
 
-    def __init__(self, future: Future) -> None:
-        self.future = future
+    def __init__(self, start: Callable[[], Future]) -> None:
+        self.start, self.future = start, None
+
+    def begin(self) -> Future:
+        if self.future is None:
+            self.future = self.start()
+        return self.future
 
 
 class Experts(MutableMapping):
@@ -32,18 +40,26 @@ class Experts(MutableMapping):
     def __init__(self, experts: Mapping[str, nn.Module] | None = None) -> None:
         self._items: dict[str, object] = dict(experts or {})
 
-    def defer(self, name: str, future: Future) -> None:
-        """``name`` is being loaded: its entry is ``future``'s result once someone reads it."""
-        self._items[name] = _Loading(future)
+    def defer(self, name: str, start: Callable[[], Future]) -> None:
+        """``name`` loads later: ``start()`` begins its load (``start_loading``, or the first read of the
+        entry) and returns the Future of its module."""
+        self._items[name] = _Loading(start)
+
+    def start_loading(self) -> None:
+        """Begin every deferred load not begun yet (each once)."""
+        for item in self._items.values():
+            if isinstance(item, _Loading):
+                item.begin()
 
     def __getitem__(self, name: str) -> nn.Module:
         item = self._items[name]
         if isinstance(item, _Loading):
-            if item.future.done():
-                module = item.future.result()
+            future = item.begin()
+            if future.done():
+                module = future.result()
             else:  # the caller needs it now: the time it waits is what the overlap did not hide
                 with timeline.span(f"wait_expert_{name}"):
-                    module = item.future.result()
+                    module = future.result()
             if self._items.get(name) is item:  # not replaced meanwhile
                 self._items[name] = module
             item = module
@@ -62,7 +78,7 @@ class Experts(MutableMapping):
         return len(self._items)
 
     def loading(self) -> tuple[str, ...]:
-        """The names whose load has not been collected yet (a finished load counts until it is read)."""
+        """The names not collected yet: deferred, loading, or loaded and not read since."""
         return tuple(n for n, item in self._items.items() if isinstance(item, _Loading))
 
     def ready(self) -> dict[str, nn.Module]:

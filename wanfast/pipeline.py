@@ -139,6 +139,18 @@ def _decode_into(
     return frames
 
 
+def _then_start_loading(experts: Experts, progress: ProgressFn | None) -> ProgressFn:
+    """``progress``, then ``experts.start_loading()`` after each step: the first one's compile, cache reads
+    and imports are done, and the steps that follow need no disk (``wanfast.experts``)."""
+
+    def wrapped(i: int, n: int, name: str) -> None:
+        if progress is not None:
+            progress(i, n, name)
+        experts.start_loading()
+
+    return wrapped
+
+
 class WanPipeline:
     """Holds the loaded models of one ``ModelSpec``; ``generate`` / ``run`` run one request."""
 
@@ -284,6 +296,8 @@ class WanPipeline:
         if self.compile_cache is not None:  # this size's compiled graphs, if an earlier process saved them
             self.compile_cache.load([size])
         ctx, ctx_null = [context], [context_null]  # the same two objects every step (step-cache branches)
+        if self.experts.loading():  # a fresh process: the deferred expert's read starts after the first step
+            progress = _then_start_loading(self.experts, progress)
         cache, counter = self.step_cache(params, ctx, ctx_null), ForwardCounter(self.experts)
         with timer.stage("denoise"), installed(self.experts, cache):
             latents, counts = denoise(
