@@ -33,7 +33,7 @@ def plan_memory(
     budget for the largest of ``sizes`` ((width, height, frames) each), and the reason, for a log line.
     An explicit ``settings.offload`` is kept if it fits. Raises ``MemoryBudgetError`` naming what fits.
     Without a budget: ``(settings, None)``."""
-    from wanfast.accel.offload import MODES, MemoryBudgetError, activation_bytes, choose_mode, estimate_memory
+    from wanfast.accel.offload import MODES, MemoryBudgetError, choose_mode, estimate_memory
 
     if settings.memory_budget_gb is None:
         return settings, None
@@ -42,7 +42,7 @@ def plan_memory(
     budget = int(settings.memory_budget_gb * GiB)
     kw = _estimate_kw(settings)
     te, te_on_device = settings.text_encoder_device, kw["text_encoder_on_device"]
-    w, h, frames = max(sizes, key=lambda s: activation_bytes(spec, (s[0], s[1]), s[2]))
+    w, h, frames = _largest(spec, sizes)
     need = {m: estimate_memory(spec, (w, h), frames, m, **kw) for m in (None, *MODES)}
     label = {None: "resident", "expert": "--offload expert", "blocks": "--offload blocks"}
     what = ", ".join(f"{label[m]} ~{_fmt(need[m])}" for m in need)
@@ -85,20 +85,32 @@ def overlap_load_peak(
     estimated peak, the bytes it must fit: the budget, else the CUDA device's memory). None where overlapping
     adds nothing to the resident estimate (FP8 or bf16 weights loaded as they run), or on the CPU without a
     budget."""
-    from wanfast.accel.offload import activation_bytes, estimate_memory, weight_sizes
+    from wanfast.accel.offload import estimate_memory, weight_sizes
 
     device = torch.device(settings.device)
     if not settings.quant or fp8_checkpoint or (settings.memory_budget_gb is None and device.type != "cuda"):
         return None
     kw = _estimate_kw(settings)
-    w, h, frames = max(sizes, key=lambda s: activation_bytes(spec, (s[0], s[1]), s[2]))
+    w, h, frames = _largest(spec, sizes)
     peak = (
         estimate_memory(spec, (w, h), frames, None, **kw) + weight_sizes(spec, **{**kw, "quant": None}).expert
     )
     if settings.memory_budget_gb is not None:
         return peak, int(settings.memory_budget_gb * GiB)
+    return peak, _cuda_memory(device)[1]
+
+
+def _largest(spec: ModelSpec, sizes: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """The (width, height, frames) of ``sizes`` with the most activation memory."""
+    from wanfast.accel.offload import activation_bytes
+
+    return max(sizes, key=lambda s: activation_bytes(spec, (s[0], s[1]), s[2]))
+
+
+def _cuda_memory(device: torch.device) -> tuple[int, int]:
+    """(index, total bytes) of a CUDA device; a bare "cuda" is this thread's current one."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return peak, torch.cuda.get_device_properties(index).total_memory
+    return index, torch.cuda.get_device_properties(index).total_memory
 
 
 def _estimate_kw(settings: EngineSettings) -> dict:
@@ -135,8 +147,7 @@ def enforce_memory_budget(settings: EngineSettings) -> float | None:
     device = torch.device(settings.device)
     if settings.memory_budget_gb is None or device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
+    index, total = _cuda_memory(device)
     fraction = min(1.0, settings.memory_budget_gb * GiB / total)
     if fraction == 1.0:
         log.warning("memory budget %g GiB >= the device's %s", settings.memory_budget_gb, _fmt(total))
