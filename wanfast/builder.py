@@ -77,7 +77,7 @@ class BuildPlan:
 
     @property
     def split(self) -> bool:
-        return self.settings.cfg_parallel or self.settings.ulysses > 1
+        return self.settings.split
 
 
 def check_attention(settings: EngineSettings) -> None:
@@ -109,7 +109,7 @@ def plan(
     model = open_model(source)
     spec, paths, fp8 = model.spec, model.paths, model.fp8_checkpoint
     check_attention(settings)
-    if settings.cfg_parallel or settings.ulysses > 1:
+    if settings.split:
         from wanfast.parallel import parallel_settings
         from wanfast.parallel.dist import check_split
 
@@ -158,8 +158,11 @@ def overlap_rule(
     weights beside the first steps' activations (``memory.overlap_load_peak``)."""
     from wanfast.memory import overlap_load_peak
 
-    split = settings.cfg_parallel or settings.ulysses > 1
-    if not (settings.overlap_load and spec.two_experts and from_checkpoint) or settings.offload or split:
+    if (
+        not (settings.overlap_load and spec.two_experts and from_checkpoint)
+        or settings.offload
+        or settings.split
+    ):
         return False
     room = overlap_load_peak(settings, spec, sizes, fp8_checkpoint)
     if room is not None and room[0] > room[1]:
@@ -300,7 +303,7 @@ def assemble(spec: ModelSpec, text_encoder, experts: dict, vae, settings: Engine
 
         fp8 = any(fp8_modules(e) for e in pipe.experts.ready().values())  # the experts are alike
         pipe.compile_cache = compile_cache_for(spec.name, settings, fp8)
-    if settings.cfg_parallel or settings.ulysses > 1:
+    if settings.split:
         from wanfast.parallel import parallelize
 
         parallelize(pipe)

@@ -356,6 +356,11 @@ class EngineSettings:
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ConfigError(f"ulysses_chunks must be an integer >= 1, got {chunks!r}")
 
+    @property
+    def split(self) -> bool:
+        """Whether a video is split over several ranks (CFG-parallel, Ulysses, or both)."""
+        return self.cfg_parallel or self.ulysses > 1
+
     def lora_stack(self) -> tuple[LoraSpec, ...]:
         """Every LoRA to apply: ``loras`` then the shorthand files (each on its own expert only)."""
         extra = []

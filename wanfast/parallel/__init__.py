@@ -22,11 +22,7 @@ from wanfast.parallel.vae import parallel_decode
 log = logging.getLogger("wanfast.parallel")
 
 __all__ = ["Mesh", "init_distributed", "make_mesh", "parallelize", "parallel_settings", "rank"]
-__all__ += ["apply_ulysses", "parallel_decode", "wanted"]
-
-
-def wanted(settings: EngineSettings) -> bool:
-    return settings.cfg_parallel or settings.ulysses > 1
+__all__ += ["apply_ulysses", "parallel_decode"]
 
 
 def parallel_settings(settings: EngineSettings) -> EngineSettings:
