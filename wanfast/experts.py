@@ -85,12 +85,6 @@ class Experts(MutableMapping):
         """The loaded entries, without waiting for the others."""
         return {n: item for n, item in self._items.items() if not isinstance(item, _Loading)}
 
-    def wait(self) -> Experts:
-        """Every entry loaded (raises what a load raised); returns self."""
-        for name in self.loading():
-            self[name]
-        return self
-
     def __repr__(self) -> str:
         names = [f"{n} (loading)" if isinstance(i, _Loading) else n for n, i in self._items.items()]
         return f"Experts({', '.join(names)})"
