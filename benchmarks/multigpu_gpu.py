@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from wanfast.config import EngineSettings
-from wanfast.parallel import init_distributed, parallel_settings, wanted
+from wanfast.parallel import init_distributed, parallel_settings
 from wanfast.parallel.dist import check_split
 from wanfast.pipeline import guided_prediction
 from wanfast.solvers import make_solver
@@ -129,7 +129,7 @@ def main() -> None:
         ulysses=ulysses,
         ulysses_chunks=chunks,
     )
-    settings = parallel_settings(base) if wanted(base) else base
+    settings = parallel_settings(base) if base.split else base
     t0 = time.perf_counter()
     pipe = random_pipeline(preset, str(device), dtype, dtype, settings=settings)  # split by builder.assemble
     res = {"split": args.split, "world": world, "cfg_parallel": cfg_parallel, "ulysses": ulysses,
